@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine (see README):
+#   make demo   - create .venv, install raylens, run the main job on the toy world
+#   make test   - create .venv, install raylens with test extras, run the default tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build on machines that carry it on disk, the CUDA build from PyPI on GPU nodes.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-slow bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/raylens demo
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+test-slow: install
+	$(VENV)/bin/python -m pytest -q -m slow
+
+bench: install
+	$(VENV)/bin/python bench/toyworld_cache.py

@@ -1,0 +1,25 @@
+"""Toy world: build time (recorded when it was built) against load-from-cache time, one run.
+
+Builds the default world first if it is not cached. Prints seconds and the ratio.
+"""
+
+import time
+
+import raylens  # noqa: F401
+from raylens import toyworld as tw
+
+
+def main() -> None:
+    world = tw.load_or_build()
+    build_s = world.baseline["build_s"]
+    start = time.perf_counter()
+    loaded = tw.load_or_build()
+    # what a user needs after a load: the config, the baseline and the files' presence
+    _ = loaded.config, loaded.baseline, loaded.model.exists(), loaded.lens.exists()
+    load_s = time.perf_counter() - start
+    print(f"toy world {world.root.name}: build {build_s:.1f} s, load from cache {load_s:.4f} s, "
+          f"ratio build/load {build_s / load_s:.0f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,512 @@
+"""Typed settings for every part of raylens, validated on construction.
+
+No torch and no ray here: a config must be buildable (and rejected) before any compute starts.
+Every section is a frozen dataclass; a bad value raises ``ValueError`` naming the dotted field
+(``loss.retain_coef``), the value given and what is allowed. ``to_flat``/``from_flat`` convert a
+config to a flat ``{"section.field": value}`` dict and back without loss, for MLflow params
+(which come back as strings) and Ray Tune search spaces.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+TOY = "toy"
+"""Source name meaning "the embedded toy world" for models, lenses and corpora."""
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the field, the value and what is allowed."""
+
+
+def _fail(section: str, name: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{section}.{name}={value!r} is invalid: allowed {allowed}")
+
+
+def _check_positive(section: str, name: str, value: Any, *, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        _fail(section, name, value, f"a positive {'integer' if integer else 'number'}")
+
+
+def _check_nonneg(section: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        _fail(section, name, value, "a number >= 0")
+
+
+def _check_fraction(section: str, name: str, value: Any, *, closed_low: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (0 <= value <= 1 if closed_low else 0 < value <= 1)
+    if not ok:
+        _fail(section, name, value, f"a number in {'[' if closed_low else '('}0, 1]")
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(section, name, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_text(section: str, name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        _fail(section, name, value, "a non-empty string")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model to unlearn."""
+
+    _section: ClassVar[str] = "model"
+    name_or_path: str = TOY
+    """Hub id (``EleutherAI/deep-ignorance-unfiltered``), local folder, or ``toy``."""
+    revision: str | None = None
+    """Hub revision; ignored for folders and the toy world."""
+    dtype: str = "float32"
+    """Training precision of the weights: float32, bfloat16 or float16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    def __post_init__(self) -> None:
+        _check_text(self._section, "name_or_path", self.name_or_path)
+        _check_choice(self._section, "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class LensConfig:
+    """The frozen tuned lens whose predictions are unlearned."""
+
+    _section: ClassVar[str] = "lens"
+    name_or_path: str = TOY
+    """Hub id (``EleutherAI/deep-ignorance-unfiltered-lens``), local folder, or ``toy``."""
+    revision: str | None = None
+    """Hub revision; ignored for folders and the toy world."""
+
+    def __post_init__(self) -> None:
+        _check_text(self._section, "name_or_path", self.name_or_path)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Forget and retain corpora: hub datasets, local JSONL files with a ``text`` field, or ``toy``."""
+
+    _section: ClassVar[str] = "data"
+    forget: str = TOY
+    """Forget corpus: ``Unlearning/WMDP-Bio-Remove-Dataset``, a JSONL path, or ``toy``."""
+    forget_fields: tuple[str, ...] = ("title", "abstract", "text")
+    """Hub forget columns joined by blank lines into one document (JSONL uses ``text``)."""
+    retain: str = TOY
+    """Retain corpus: ``EleutherAI/wikitext_document_level``, a JSONL path, or ``toy``."""
+    retain_subset: str | None = "wikitext-103-raw-v1"
+    """Hub dataset configuration of the retain corpus."""
+    retain_field: str = "page"
+    """Hub retain column (JSONL uses ``text``)."""
+    retain_shuffle_seed: int = 42
+    """The retain corpus is shuffled with this seed before the first examples are taken."""
+    num_examples: int = 1024
+    """Forget/retain pairs used for training (forget i is paired with retain i)."""
+    max_length: int = 2048
+    """Documents are truncated to this many tokens."""
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _check_text(s, "forget", self.forget)
+        _check_text(s, "retain", self.retain)
+        if not self.forget_fields or not all(isinstance(f, str) and f for f in self.forget_fields):
+            _fail(s, "forget_fields", self.forget_fields, "a non-empty list of column names")
+        _check_text(s, "retain_field", self.retain_field)
+        if isinstance(self.retain_shuffle_seed, bool) or not isinstance(self.retain_shuffle_seed, int):
+            _fail(s, "retain_shuffle_seed", self.retain_shuffle_seed, "an integer")
+        _check_positive(s, "num_examples", self.num_examples, integer=True)
+        _check_positive(s, "max_length", self.max_length, integer=True)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The unlearning objective and its schedules (``DESIGN.md`` §1)."""
+
+    _section: ClassVar[str] = "loss"
+    target_layers: tuple[int, ...] | None = None
+    """Layers whose lens predictions are unlearned; None = every n_layers//6-th layer (5..30 of 32)."""
+    retain_coef: float = 5.0
+    """Final weight of the retain loss."""
+    remove_coef: float = 5.0
+    """Initial weight of the forget loss (it decays to 0.75x)."""
+    retain_start: float = 0.25
+    """Retain weight at step 0 as a fraction of ``retain_coef`` (r0)."""
+    ramp_fraction: float = 1.0
+    """Schedules ramp over this fraction of the optimizer steps (T_ramp / T)."""
+    retain_loss: str = "l2"
+    """``l2``: hidden-state distance to the reference; ``kl``: per-token output KL."""
+
+    def __post_init__(self) -> None:
+        s = self._section
+        if self.target_layers is not None:
+            layers = self.target_layers
+            if (
+                not isinstance(layers, tuple)
+                or not layers
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+                or len(set(layers)) != len(layers)
+            ):
+                _fail(s, "target_layers", layers, "None or distinct non-negative layer indices")
+        _check_nonneg(s, "retain_coef", self.retain_coef)
+        _check_nonneg(s, "remove_coef", self.remove_coef)
+        if self.retain_coef == 0 and self.remove_coef == 0:
+            _fail(s, "remove_coef", self.remove_coef, "a positive value when retain_coef is 0")
+        _check_fraction(s, "retain_start", self.retain_start)
+        _check_fraction(s, "ramp_fraction", self.ramp_fraction, closed_low=False)
+        _check_choice(s, "retain_loss", self.retain_loss, ("l2", "kl"))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    _section: ClassVar[str] = "optim"
+    name: str = "adamw"
+    """``adamw`` for all parameters, or ``muon`` (Muon for 2-D hidden matrices, AdamW for the rest)."""
+    lr: float = 1e-3
+    """AdamW learning rate (used when ``name`` is adamw)."""
+    muon_lr: float = 0.02
+    """Muon learning rate for the 2-D hidden matrices."""
+    adam_lr: float = 3e-4
+    """AdamW learning rate for embeddings, unembedding, norms and biases under Muon."""
+    warmup_ratio: float = 0.0
+    """Fraction of steps of linear warmup before the linear decay to 0."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _check_choice(s, "name", self.name, ("adamw", "muon"))
+        for name in ("lr", "muon_lr", "adam_lr", "grad_clip"):
+            _check_positive(s, name, getattr(self, name))
+        _check_fraction(s, "warmup_ratio", self.warmup_ratio)
+        if self.warmup_ratio == 1:
+            _fail(s, "warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
+        _check_nonneg(s, "weight_decay", self.weight_decay)
+
+
+@dataclass(frozen=True)
+class ModeConfig:
+    """What is trained: a LoRA adapter or all weights."""
+
+    _section: ClassVar[str] = "mode"
+    kind: str = "lora"
+    """``lora`` (reference = adapter disabled) or ``full`` (reference = frozen bf16 copy)."""
+    lora_rank: int = 16
+    """LoRA rank r."""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: tuple[str, ...] | None = None
+    """Module names to adapt; None = PEFT's default for the architecture."""
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _check_choice(s, "kind", self.kind, ("lora", "full"))
+        _check_positive(s, "lora_rank", self.lora_rank, integer=True)
+        _check_positive(s, "lora_alpha", self.lora_alpha)
+        _check_fraction(s, "lora_dropout", self.lora_dropout)
+        if self.lora_dropout == 1:
+            _fail(s, "lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        mods = self.lora_target_modules
+        if mods is not None and (
+            not isinstance(mods, tuple) or not mods or not all(isinstance(m, str) and m for m in mods)
+        ):
+            _fail(s, "lora_target_modules", mods, "None or a non-empty list of module names")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Batching: global batch = per-device batch x workers x accumulation steps."""
+
+    _section: ClassVar[str] = "batch"
+    global_batch: int = 32
+    """Sequences per optimizer step, summed over workers and accumulation."""
+    per_device_batch: int = 8
+    """Sequences per forward pass on one worker."""
+    epochs: int = 1
+    """Passes over the forget/retain pairs."""
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch", "per_device_batch", "epochs"):
+            _check_positive(self._section, name, getattr(self, name), integer=True)
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Ray Train workers of one trial."""
+
+    _section: ClassVar[str] = "scaling"
+    num_workers: int = 1
+    """Training processes (one per GPU on a cluster)."""
+    use_gpu: bool = False
+    """Give each worker a GPU and use NCCL; otherwise CPU with gloo."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self._section, "num_workers", self.num_workers, integer=True)
+        if not isinstance(self.use_gpu, bool):
+            _fail(self._section, "use_gpu", self.use_gpu, "true or false")
+
+
+EVAL_TASKS = ("toy_wmdp", "toy_mmlu", "wmdp_bio", "mmlu", "mmlu_stem")
+"""Tasks raylens knows how to score (all 0-shot)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation after (and during) unlearning; always 0-shot."""
+
+    _section: ClassVar[str] = "eval"
+    tasks: tuple[str, ...] = ("toy_wmdp", "toy_mmlu")
+    """Tasks to score, from ``EVAL_TASKS``."""
+    batch_size: int = 32
+    """Questions per forward pass."""
+    time_limit_s: float = 1800.0
+    """An evaluation running longer than this fails with an error naming the task."""
+
+    def __post_init__(self) -> None:
+        s = self._section
+        if not isinstance(self.tasks, tuple) or not self.tasks:
+            _fail(s, "tasks", self.tasks, "a non-empty list from " + ", ".join(EVAL_TASKS))
+        for task in self.tasks:
+            if task not in EVAL_TASKS:
+                _fail(s, "tasks", self.tasks, "tasks from " + ", ".join(EVAL_TASKS))
+        _check_positive(s, "batch_size", self.batch_size, integer=True)
+        _check_positive(s, "time_limit_s", self.time_limit_s)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Fine-tuning attack on the unlearned model (tamper resistance)."""
+
+    _section: ClassVar[str] = "attack"
+    enabled: bool = False
+    """Run the attack after unlearning."""
+    num_examples: int = 512
+    """Forget-domain documents used by the attacker."""
+    lr: float = 2e-5
+    """Attacker learning rate."""
+    global_batch: int = 16
+    """Attacker sequences per optimizer step."""
+    epochs: int = 1
+    """Attacker passes over its examples."""
+    eval_every: int = 10
+    """Evaluate WMDP every this many attacker steps."""
+
+    def __post_init__(self) -> None:
+        s = self._section
+        if not isinstance(self.enabled, bool):
+            _fail(s, "enabled", self.enabled, "true or false")
+        for name in ("num_examples", "global_batch", "epochs", "eval_every"):
+            _check_positive(s, name, getattr(self, name), integer=True)
+        _check_positive(s, "lr", self.lr)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs are recorded."""
+
+    _section: ClassVar[str] = "tracking"
+    tracking_uri: str = "sqlite:///raylens-mlflow.db"
+    """MLflow tracking URI: a sqlite file here, the cluster's MLflow server there."""
+    artifact_location: str = "raylens-artifacts"
+    """Folder (or URI) for MLflow artifacts of new experiments."""
+    experiment: str = "raylens"
+    """MLflow experiment name."""
+
+    def __post_init__(self) -> None:
+        for name in ("tracking_uri", "artifact_location", "experiment"):
+            _check_text(self._section, name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """One unlearning run: every setting of a trial."""
+
+    _section: ClassVar[str] = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lens: LensConfig = field(default_factory=LensConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mode: ModeConfig = field(default_factory=ModeConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    """Seed of model init, data order and the forget loss's random targets."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            _fail("run", "seed", self.seed, "an integer")
+        if self.mode.kind == "lora" and self.optim.name == "muon":
+            _fail("optim", "name", self.optim.name, "'adamw' with mode.kind='lora' (Muon needs full)")
+        per_step = self.batch.per_device_batch * self.scaling.num_workers
+        if self.batch.global_batch % per_step:
+            _fail(
+                "batch",
+                "global_batch",
+                self.batch.global_batch,
+                f"a multiple of per_device_batch x scaling.num_workers = {per_step}",
+            )
+        if self.data.num_examples < self.batch.global_batch:
+            _fail(
+                "data",
+                "num_examples",
+                self.data.num_examples,
+                f"at least batch.global_batch = {self.batch.global_batch}",
+            )
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Forward passes per optimizer step on each worker."""
+        return self.batch.global_batch // (self.batch.per_device_batch * self.scaling.num_workers)
+
+
+@dataclass(frozen=True)
+class ToyWorldConfig:
+    """The embedded toy world: synthetic facts, a tiny GPT-NeoX, a control model and a lens."""
+
+    _section: ClassVar[str] = "toyworld"
+    seed: int = 0
+    """Seed of every random choice: same seed, byte-identical data and the same models."""
+    num_entities: int = 48
+    """Entities per domain; each has 4 facts, so each eval set has 4x this many questions."""
+    num_docs: int = 1024
+    """Documents per domain (forget corpus = hazard, retain corpus = general)."""
+    hidden_size: int = 96
+    """Width of the tiny GPT-NeoX."""
+    num_layers: int = 6
+    """Blocks of the tiny GPT-NeoX."""
+    num_heads: int = 4
+    """Attention heads."""
+    train_steps: int = 600
+    """Optimizer steps of pretraining (the control model gets the same)."""
+    train_batch: int = 32
+    """Documents per pretraining step."""
+    lr: float = 3e-3
+    """Peak pretraining learning rate."""
+    lens_steps: int = 300
+    """Optimizer steps of tuned-lens training."""
+
+    def __post_init__(self) -> None:
+        s = self._section
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            _fail(s, "seed", self.seed, "an integer")
+        if not isinstance(self.num_entities, int) or not 8 <= self.num_entities <= 400:
+            _fail(s, "num_entities", self.num_entities, "an integer in [8, 400]")
+        for name in ("num_docs", "hidden_size", "num_layers", "num_heads", "train_steps",
+                     "train_batch", "lens_steps"):
+            _check_positive(s, name, getattr(self, name), integer=True)
+        if self.hidden_size % self.num_heads:
+            _fail(s, "hidden_size", self.hidden_size, f"a multiple of num_heads={self.num_heads}")
+        _check_positive(s, "lr", self.lr)
+
+
+# ---- flat dicts -------------------------------------------------------------------------------
+
+
+def to_flat(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config into ``{"section.field": value}`` with plain values (tuples become lists)."""
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            flat.update(to_flat(value, key + "."))
+        else:
+            flat[key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def from_flat(cls: type, flat: dict[str, Any]) -> Any:
+    """Rebuild a config of type ``cls`` from ``to_flat`` output; values may also be strings (MLflow).
+
+    Keys absent from ``flat`` keep their defaults; unknown keys are an error naming the key.
+    """
+    known = set(to_flat(cls()))
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}: allowed keys are {sorted(known)}")
+    return _build(cls, flat, "")
+
+
+def _build(cls: type, flat: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, flat, key + ".")
+        elif key in flat:
+            kwargs[f.name] = _coerce(key, flat[key], hint)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a flat value (native or its string form) to the field's declared type."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    if isinstance(value, str) and (optional and value in ("None", "")):
+        return None
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = _literal(key, value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is invalid: allowed a list")
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(key, v, inner) for v in value)
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ConfigError(f"{key}={value!r} is invalid: allowed true or false")
+        return value
+    if hint in (int, float):
+        if isinstance(value, str):
+            value = _literal(key, value)
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+    return value
+
+
+def _literal(key: str, text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"{key}={text!r} is invalid: allowed a number or list literal") from None
+
+
+def replace(config: Any, overrides: dict[str, Any]) -> Any:
+    """Return ``config`` with dotted-key overrides applied (strings allowed), validated again."""
+    flat = to_flat(config)
+    flat.update(overrides)
+    return from_flat(type(config), flat)
+
+
+__all__ = [
+    "TOY", "EVAL_TASKS", "ConfigError", "ModelConfig", "LensConfig", "DataConfig", "LossConfig", "OptimConfig",
+    "ModeConfig", "BatchConfig", "ScalingConfig", "EvalConfig", "AttackConfig", "TrackingConfig",
+    "UnlearnConfig", "ToyWorldConfig", "to_flat", "from_flat", "replace",
+]
