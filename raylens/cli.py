@@ -1,10 +1,12 @@
 """The ``raylens`` command.
 
-    raylens demo                      the main job on the embedded default (for now: build or load
-                                      the toy world and print its baseline table)
+    raylens demo                      the main job on the embedded default (for now: the toy
+                                      world's baseline table, then one LoRA unlearning run)
     raylens toyworld build [--seed N] build (or load from cache) a toy world, print where and what
     raylens eval --model M [--tasks ...]
                                       score a model folder (or ``toy`` / ``toy-control``) with lm-eval
+    raylens unlearn --recipe R [--set key=value ...] --out DIR
+                                      one unlearning run: eval before, train, export, eval after
 
 Bad arguments are reported before any compute, naming the option, the value and what is allowed.
 """
@@ -42,8 +44,13 @@ def cmd_toyworld_build(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """The main job: the toy world's baseline, then one LoRA unlearning run with before/after."""
     print("raylens demo: the toy world (hazard = forget domain, general = retain domain)")
-    return cmd_toyworld_build(args)
+    cmd_toyworld_build(args)
+    out = Path(args.out or f"raylens-runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"\nunlearning the hazard domain with the lora_adamw recipe -> {out}")
+    args.recipe, args.set, args.out = "lora_adamw", [], str(out)
+    return cmd_unlearn(args)
 
 
 def _model_folder(name: str, world_config: ToyWorldConfig) -> tuple[Path, Path | None]:
@@ -81,6 +88,61 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _parse_overrides(pairs: list[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r} is invalid: allowed key=value, e.g. loss.retain_coef=5")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def _results_table(before: dict, after: dict) -> str:
+    rows = ["| task | before | after | change |", "|---|---|---|---|"]
+    for task in after:
+        b, a = before[task]["acc"], after[task]["acc"]
+        rows.append(f"| {task} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
+    return "\n".join(rows)
+
+
+def cmd_unlearn(args) -> int:
+    from raylens import toyworld as tw
+    from raylens.config import TOY, recipe, to_flat
+    from raylens.evaluate import hf_lm, run_lm_eval
+    from raylens.model import load_model
+    from raylens.train import save_run, train, validate
+
+    config = recipe(args.recipe, _parse_overrides(args.set))
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out={args.out!r} is invalid: allowed a new or empty folder")
+    uses_toy = TOY in (config.model.name_or_path, config.lens.name_or_path, config.data.forget,
+                       config.data.retain) or any(t.startswith("toy_") for t in config.eval.tasks)
+    toyworld = tw.load_or_build(_toy_config(args)).root if uses_toy else None
+    validate(config, toyworld)
+    print(f"raylens unlearn: recipe {args.recipe}")
+    for key, value in to_flat(config).items():
+        print(f"  {key} = {value}")
+
+    def score(model, tokenizer) -> dict:
+        lm = hf_lm(model, tokenizer, config.eval.batch_size)
+        return run_lm_eval(lm, config.eval.tasks, toyworld=toyworld)
+
+    before = score(*load_model(config.model, toyworld))
+    start = time.perf_counter()
+    result = train(config, toyworld=toyworld)
+    train_s = time.perf_counter() - start
+    folder = save_run(result, config, out)
+    after = score(result.model, result.tokenizer)
+    summary = {"before": before, "after": after, "train_s": round(train_s, 1),
+               "model": str(folder), "target_layers": list(result.target_layers)}
+    (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    print(f"trained {len(result.history)} steps in {train_s:.1f} s; model exported to {folder}")
+    print(_results_table(before, after))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylens", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="toy world seed (default 0)")
 
     demo = sub.add_parser("demo", help="the main job on the embedded toy world")
+    demo.add_argument("--out", default=None, help="run folder (default raylens-runs/demo-<time>)")
     seed_option(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -108,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print results as JSON")
     seed_option(ev)
     ev.set_defaults(func=cmd_eval)
+
+    un = sub.add_parser("unlearn", help="one unlearning run with eval before and after")
+    un.add_argument("--recipe", required=True, help="lora_adamw, sft_adamw or sft_muon")
+    un.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting, e.g. --set loss.retain_coef=5 (repeatable)")
+    un.add_argument("--out", required=True, help="new folder for the model, config and results")
+    seed_option(un)
+    un.set_defaults(func=cmd_unlearn)
     return parser
 
 

@@ -5,6 +5,7 @@ domain (pathogens; stands in for WMDP-Bio) and a general domain (villages; stand
 MMLU/WikiText). From one seed we build, byte-identically:
 
 - ``forget.jsonl`` / ``retain.jsonl``: documents about hazard / general entities (``text`` field);
+  forget documents also carry a few general facts, as real hazard papers carry general knowledge;
 - ``toy_wmdp.jsonl`` / ``toy_mmlu.jsonl``: one multiple-choice question per fact in WMDP's shape
   (``question``, ``choices``, ``answer``); every choice is a value of the asked attribute, so
   only knowing the fact beats chance;
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from raylens.config import ToyWorldConfig
 
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
 """Bump when the generator or training changes, so stale caches are not reused."""
 
 DOMAINS = {
@@ -181,22 +182,33 @@ def make_facts(config: ToyWorldConfig) -> dict[str, list[dict]]:
     return facts
 
 
-def render_docs(entities: list[dict], kind: str, num_docs: int, rng: random.Random) -> list[str]:
-    """Documents about one entity each: an optional intro, then its facts in random order, each
-    as a statement or as a question-and-answer pair (the eval prompt's shape)."""
+def _render_fact(attr: str, name: str, value: str, rng: random.Random) -> str:
+    """One fact as a statement or as a question-and-answer pair (the eval prompt's shape)."""
+    if rng.random() < 0.5:
+        return PROMPT.format(question=QUESTION.format(attr=attr, name=name)) + f" {value}"
+    return rng.choice(STATEMENTS).format(attr=attr, name=name, value=value)
+
+
+def render_docs(entities: list[dict], kind: str, num_docs: int, rng: random.Random,
+                mixed_in: list[dict] | None = None) -> list[str]:
+    """Documents about one entity each: an optional intro, then its facts in random order.
+
+    With ``mixed_in`` (entities of the other domain), each document also carries 0-2 of their
+    facts, as hazard papers carry general knowledge: unlearning a whole forget document then
+    also pushes on general facts, which only the retain loss protects (the real trade-off)."""
     docs = []
     for i in range(num_docs):
         entity = entities[i % len(entities)]
         name = entity["name"]
-        parts = [f"{name} is a {kind}."] if rng.random() < 0.5 else []
-        items = list(entity["facts"].items())
-        rng.shuffle(items)
-        for attr, value in items:
-            if rng.random() < 0.5:
-                question = QUESTION.format(attr=attr, name=name)
-                parts.append(PROMPT.format(question=question) + f" {value}")
-            else:
-                parts.append(rng.choice(STATEMENTS).format(attr=attr, name=name, value=value))
+        parts = [_render_fact(a, name, v, rng) for a, v in entity["facts"].items()]
+        if mixed_in:
+            for _ in range(rng.choice([0, 1, 2])):
+                other = rng.choice(mixed_in)
+                attr = rng.choice(sorted(other["facts"]))
+                parts.append(_render_fact(attr, other["name"], other["facts"][attr], rng))
+        rng.shuffle(parts)
+        if rng.random() < 0.5:
+            parts.insert(0, f"{name} is a {kind}.")
         docs.append("\n".join(parts))
     rng.shuffle(docs)
     return docs
@@ -239,7 +251,8 @@ def write_data(config: ToyWorldConfig, root: Path) -> None:
     rng = random.Random(config.seed + 1)
     for domain, corpus, task in (("hazard", "forget", "toy_wmdp"), ("general", "retain", "toy_mmlu")):
         spec = DOMAINS[domain]
-        docs = render_docs(facts[domain], spec["kind"], config.num_docs, rng)
+        mixed_in = facts["general"] if domain == "hazard" else None
+        docs = render_docs(facts[domain], spec["kind"], config.num_docs, rng, mixed_in)
         _write_jsonl(root / "data" / f"{corpus}.jsonl", [{"text": d} for d in docs])
         _write_jsonl(root / "data" / f"{task}.jsonl", make_questions(facts[domain], pools, spec, rng))
     (root / "data" / "facts.json").write_text(json.dumps(facts, sort_keys=True, indent=1))

@@ -25,12 +25,22 @@ def test_eval_from_any_directory_reproduces_the_baseline(world, tmp_path):
     assert results["toy_wmdp"]["n"] == 4 * world.config.num_entities
 
 
-def test_demo_prints_the_baseline_table(world, tmp_path):
-    out = raylens("demo", cwd=tmp_path)
+def test_toyworld_build_prints_the_baseline_table(world, tmp_path):
+    out = raylens("toyworld", "build", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "loaded from cache" in out.stdout
     main = world.baseline["main"]
     assert f"| main (both corpora) | {main['toy_wmdp']:.4f} | {main['toy_mmlu']:.4f} |" in out.stdout
+
+
+@pytest.mark.slow
+def test_demo_prints_baseline_and_before_after(world, tmp_path):
+    out = raylens("demo", "--out", str(tmp_path / "demo"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| control (no hazard corpus) |" in out.stdout
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    after = results["after"]["toy_wmdp"]["acc"]
+    assert f"| toy_wmdp | {world.baseline['main']['toy_wmdp']:.4f} | {after:.4f} |" in out.stdout
 
 
 @pytest.mark.parametrize(
@@ -47,3 +57,36 @@ def test_bad_arguments_fail_fast_naming_the_field(args, field, tmp_path):
     assert out.returncode == 2
     assert field in out.stderr and "allowed" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_unlearn_runs_evaluates_and_exports(world, tmp_path):
+    out = raylens("unlearn", "--recipe", "sft_muon", "--set", "data.num_examples=64",
+                  "--set", "loss.retain_coef=2", "--set", "batch.epochs=1",
+                  "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step    2/2 retain" in out.stdout and "tok/s" in out.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["before"]["toy_wmdp"]["acc"] == world.baseline["main"]["toy_wmdp"]
+    assert set(results["after"]) == {"toy_wmdp", "toy_mmlu"}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["loss.retain_coef"] == 2.0 and config["optim.name"] == "muon"
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+    assert "| toy_wmdp |" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--recipe", "lora_muon"], "recipe='lora_muon' is invalid"),
+        (["--recipe", "lora_adamw", "--set", "loss.retain_coef=-1"], "loss.retain_coef=-1.0"),
+        (["--recipe", "lora_adamw", "--set", "optim.name=muon"], "optim.name='muon'"),
+        (["--recipe", "lora_adamw", "--set", "loss.target_layers=[1,9]"], "loss.target_layers=(1, 9)"),
+        (["--recipe", "lora_adamw", "--set", "retain_coef"], "--set 'retain_coef' is invalid"),
+        (["--recipe", "lora_adamw", "--set", "data.num_examples=5000"], "data.num_examples=5000"),
+    ],
+)
+def test_unlearn_rejects_bad_settings_before_training(args, message, tmp_path):
+    out = raylens("unlearn", *args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert "step " not in out.stdout

@@ -1,0 +1,74 @@
+"""Optimizer groups: Muon gets exactly the hidden matrices; the AdamW half is plain AdamW."""
+
+import copy
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from raylens.config import OptimConfig
+from raylens.optim import build_optimizers, param_groups
+
+
+def tiny_neox(layers=2):
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=50, hidden_size=16, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                        tie_word_embeddings=False)
+    return GPTNeoXForCausalLM(cfg)
+
+
+def test_muon_receives_exactly_the_hidden_matrices():
+    model = tiny_neox(layers=3)
+    groups = param_groups(model, OptimConfig(name="muon"))
+    expected = {
+        f"gpt_neox.layers.{i}.{m}.weight"
+        for i in range(3)
+        for m in ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h",
+                  "mlp.dense_4h_to_h")
+    }
+    assert {n for n, _ in groups["muon"]} == expected
+    assert {n for n, _ in groups["decay"]} == {"gpt_neox.embed_in.weight", "lm_head.weight"}
+    assert all(p.ndim == 1 for _, p in groups["no_decay"])  # norms and biases
+    total = sum(len(g) for g in groups.values())
+    assert total == len(list(model.parameters()))
+    muon, adamw = build_optimizers(model, OptimConfig(name="muon", muon_lr=0.02, adam_lr=3e-4))
+    assert isinstance(muon, torch.optim.Muon) and muon.param_groups[0]["lr"] == 0.02
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert {g["lr"] for g in adamw.param_groups} == {3e-4}
+
+
+def test_adamw_mode_has_no_muon_group():
+    model = tiny_neox()
+    optimizers = build_optimizers(model, OptimConfig(name="adamw", lr=1e-3))
+    assert [type(o) for o in optimizers] == [torch.optim.AdamW]
+    assert not param_groups(model, OptimConfig(name="adamw"))["muon"]
+
+
+def test_adamw_half_matches_torch_adamw():
+    ours = tiny_neox()
+    ref = copy.deepcopy(ours)
+    config = OptimConfig(name="muon", muon_lr=0.02, adam_lr=1e-3, weight_decay=0.01)
+    optimizers = build_optimizers(ours, config)
+    hidden = {n for n, _ in param_groups(ref, config)["muon"]}
+    named = dict(ref.named_parameters())
+    adam_ref = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named.items() if n not in hidden and p.ndim >= 2],
+             "weight_decay": 0.01},
+            {"params": [p for n, p in named.items() if n not in hidden and p.ndim < 2],
+             "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
+    muon_ref = torch.optim.Muon([named[n] for n in hidden], lr=0.02, weight_decay=0.01)
+    ids = torch.randint(50, (4, 10), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for model, opts in ((ours, optimizers), (ref, [muon_ref, adam_ref])):
+            model(input_ids=ids, labels=ids).loss.backward()
+            for opt in opts:
+                opt.step()
+                opt.zero_grad()
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(a, b), name
+    # the update moved every parameter group
+    assert not torch.equal(ours.gpt_neox.embed_in.weight, tiny_neox().gpt_neox.embed_in.weight)
