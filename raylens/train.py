@@ -80,6 +80,7 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print) -> 
     optimizers = build_optimizers(model, config.optim)
     schedulers = build_schedulers(optimizers, total_steps, config.optim.warmup_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
+    log_every = max(1, total_steps // 32)  # ~32 log lines per run; every step is in history
     vocab = lens.unembed.unembedding.out_features
     loss_cfg = config.loss
     history: list[dict] = []
@@ -135,11 +136,12 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print) -> 
                 "tokens_per_s": (num_forget + num_retain) / (time.perf_counter() - start),
             }
             history.append(record)
-            log(
-                f"step {step + 1:4d}/{total_steps} retain {retain_sum:.4f} (x{c_r:.3g}) "
-                f"forget {forget_sum:.4f} (x{c_f:.3g}) lr {lr:.3g} grad {grad_norm:.3g} "
-                f"{record['tokens_per_s']:.0f} tok/s"
-            )
+            if (step + 1) % log_every == 0 or step + 1 == total_steps:
+                log(
+                    f"step {step + 1:4d}/{total_steps} retain {retain_sum:.4f} (x{c_r:.3g}) "
+                    f"forget {forget_sum:.4f} (x{c_f:.3g}) lr {lr:.3g} grad {grad_norm:.3g} "
+                    f"{record['tokens_per_s']:.0f} tok/s"
+                )
             step += 1
     model.eval()
     return TrainResult(model, tokenizer, history, layers)
