@@ -1,4 +1,5 @@
-"""Toy world: build time (recorded when it was built) against load-from-cache time, one run.
+"""Toy world: build time (recorded when it was built) against load-from-cache time (both models,
+tokenizer and lens in memory), one run.
 
 Builds the default world first if it is not cached. Prints seconds and the ratio.
 """
@@ -14,8 +15,15 @@ def main() -> None:
     build_s = world.baseline["build_s"]
     start = time.perf_counter()
     loaded = tw.load_or_build()
-    # what a user needs after a load: the config, the baseline and the files' presence
-    _ = loaded.config, loaded.baseline, loaded.model.exists(), loaded.lens.exists()
+    # a load that is ready for work: both models, the tokenizer and the lens in memory
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylens.lens import load_lens
+
+    model = AutoModelForCausalLM.from_pretrained(loaded.model)
+    AutoModelForCausalLM.from_pretrained(loaded.control)
+    AutoTokenizer.from_pretrained(loaded.model)
+    load_lens(model, str(loaded.lens))
     load_s = time.perf_counter() - start
     print(f"toy world {world.root.name}: build {build_s:.1f} s, load from cache {load_s:.4f} s, "
           f"ratio build/load {build_s / load_s:.0f}x")

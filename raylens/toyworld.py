@@ -312,6 +312,8 @@ def pretrain(model, tokenizer, texts: list[str], config: ToyWorldConfig, *, log=
     linear warmup and cosine decay. Deterministic for a given seed and thread count."""
     import torch
 
+    from raylens.data import collate
+
     gen = torch.Generator().manual_seed(config.seed)
     encoded = [tokenizer(t + EOS, add_special_tokens=False)["input_ids"] for t in texts]
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -331,15 +333,10 @@ def pretrain(model, tokenizer, texts: list[str], config: ToyWorldConfig, *, log=
             order, cursor = torch.randperm(len(encoded), generator=gen).tolist(), 0
         batch = [encoded[i] for i in order[cursor : cursor + config.train_batch]]
         cursor += config.train_batch
-        width = max(len(b) for b in batch)
-        ids = torch.full((len(batch), width), tokenizer.eos_token_id)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            labels[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        padded = collate(batch, tokenizer.eos_token_id)
+        labels = padded.input_ids.masked_fill(padded.attention_mask == 0, -100)
+        loss = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask,
+                     labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
