@@ -197,11 +197,16 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
+    from raylens.evaluate import EvalError
+
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"raylens: error: {exc}", file=sys.stderr)
         return 2
+    except EvalError as exc:
+        print(f"raylens: evaluation failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -38,19 +38,24 @@ def run_lm_eval(lm, tasks: tuple[str, ...], *, toyworld: Path | None = None,
     """
     from lm_eval import simple_evaluate
 
-    out = simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        num_fewshot=0,
-        limit=limit,
-        task_manager=task_manager(tasks, toyworld),
-        random_seed=None,
-        numpy_random_seed=None,
-        torch_random_seed=None,
-        fewshot_random_seed=None,
-        log_samples=False,
-        bootstrap_iters=1000,
-    )
+    try:
+        out = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=0,
+            limit=limit,
+            task_manager=task_manager(tasks, toyworld),
+            random_seed=None,
+            numpy_random_seed=None,
+            torch_random_seed=None,
+            fewshot_random_seed=None,
+            log_samples=False,
+            bootstrap_iters=1000,
+        )
+    except Exception as exc:  # dataset offline/missing, bad task file: name the tasks, keep cause
+        raise EvalError(
+            f"lm-eval failed on tasks {list(tasks)}: {type(exc).__name__}: {str(exc)[:500]}"
+        ) from exc
     return _collect(out, tasks)
 
 

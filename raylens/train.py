@@ -101,8 +101,8 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print) -> 
             forget_sum = retain_sum = 0.0
             for (forget, retain), examples in zip(batches, micro_indices):
                 targets = batch_targets(
-                    [example_targets(config.seed, epoch, i, len(layers), len(data.forget[i]), vocab)
-                     for i in examples],
+                    [example_targets(config.seed, epoch, idx, len(layers), len(data.forget[idx]),
+                                     vocab) for idx in examples],
                     forget.input_ids.shape[1],
                 )
                 out = model(input_ids=forget.input_ids, attention_mask=forget.attention_mask,

@@ -90,3 +90,11 @@ def test_unlearn_rejects_bad_settings_before_training(args, message, tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr
     assert "step " not in out.stdout
+
+
+def test_builtin_task_without_its_dataset_fails_naming_the_task(tmp_path):
+    """Offline and uncached, lm-eval cannot load wmdp_bio: an error, never a silent 0.25."""
+    out = raylens("eval", "--model", "toy", "--tasks", "wmdp_bio", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "evaluation failed" in out.stderr and "wmdp_bio" in out.stderr
+    assert "Traceback" not in out.stderr
