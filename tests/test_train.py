@@ -72,3 +72,19 @@ def test_export_reloads_and_reproduces_the_eval(world, tmp_path, name):
     assert (tmp_path / "history.jsonl").read_text().count("\n") == 2
     if name == "lora_adamw":
         assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("name", ["lora_adamw", "sft_adamw"])
+def test_gradient_checkpointing_gives_the_same_step(world, name):
+    runs = [
+        train(recipe(name, {"data.num_examples": 32, "batch.epochs": 1,
+                            "model.gradient_checkpointing": flag, "mode.lora_dropout": 0.0}),
+              toyworld=world.root, **QUIET)
+        for flag in (False, True)
+    ]
+    base = lambda m: m.get_base_model() if hasattr(m, "get_base_model") else m
+    assert [base(r.model).is_gradient_checkpointing for r in runs] == [False, True]
+    plain, checkpointed = (r.history[0] for r in runs)
+    for key in ("retain_loss", "forget_loss", "grad_norm"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
+    assert plain["grad_norm"] > 0
