@@ -5,7 +5,7 @@
     raylens toyworld build [--seed N] build (or load from cache) a toy world, print where and what
     raylens eval --model M [--tasks ...]
                                       score a model folder (or ``toy`` / ``toy-control``) with lm-eval
-    raylens unlearn --recipe R [--set key=value ...] --out DIR
+    raylens unlearn --recipe R [--set key=value ...] [--workers N] --out DIR
                                       one unlearning run: eval before, train, export, eval after
 
 Bad arguments are reported before any compute, naming the option, the value and what is allowed.
@@ -49,7 +49,7 @@ def cmd_demo(args) -> int:
     cmd_toyworld_build(args)
     out = Path(args.out or f"raylens-runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"\nunlearning the hazard domain with the lora_adamw recipe -> {out}")
-    args.recipe, args.set, args.out = "lora_adamw", [], str(out)
+    args.recipe, args.set, args.out, args.workers = "lora_adamw", [], str(out), None
     return cmd_unlearn(args)
 
 
@@ -111,9 +111,14 @@ def cmd_unlearn(args) -> int:
     from raylens.config import TOY, recipe, to_flat
     from raylens.evaluate import hf_lm, run_lm_eval
     from raylens.model import load_model
-    from raylens.train import save_run, train, validate
+    from dataclasses import replace
 
-    config = recipe(args.recipe, _parse_overrides(args.set))
+    from raylens.train import fit_on_ray, save_run, train, validate
+
+    overrides = _parse_overrides(args.set)
+    if args.workers is not None:
+        overrides["scaling.num_workers"] = args.workers
+    config = recipe(args.recipe, overrides)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out={args.out!r} is invalid: allowed a new or empty folder")
@@ -131,14 +136,25 @@ def cmd_unlearn(args) -> int:
 
     before = score(*load_model(config.model, toyworld))
     start = time.perf_counter()
-    result = train(config, toyworld=toyworld)
+    if config.scaling.num_workers > 1:
+        import ray
+
+        ray.init(ignore_reinit_error=True)  # joins RAY_ADDRESS if set, else a local instance
+        report = fit_on_ray(config, out=out, storage_path=(out / "ray").resolve(),
+                            toyworld=toyworld)
+        folder, num_steps = out / "model", report["num_steps"]
+        model, tokenizer = load_model(replace(config.model, name_or_path=str(folder)))
+    else:
+        result = train(config, toyworld=toyworld)
+        folder, num_steps = save_run(result, config, out), len(result.history)
+        model, tokenizer = result.model, result.tokenizer
     train_s = time.perf_counter() - start
-    folder = save_run(result, config, out)
-    after = score(result.model, result.tokenizer)
+    after = score(model, tokenizer)
     summary = {"before": before, "after": after, "train_s": round(train_s, 1),
-               "model": str(folder), "target_layers": list(result.target_layers)}
+               "model": str(folder), "workers": config.scaling.num_workers}
     (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
-    print(f"trained {len(result.history)} steps in {train_s:.1f} s; model exported to {folder}")
+    print(f"trained {num_steps} steps on {config.scaling.num_workers} worker(s) in {train_s:.1f} s; "
+          f"model exported to {folder}")
     print(_results_table(before, after))
     return 0
 
@@ -177,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting, e.g. --set loss.retain_coef=5 (repeatable)")
     un.add_argument("--out", required=True, help="new folder for the model, config and results")
+    un.add_argument("--workers", type=int, default=None,
+                    help="Ray Train workers (LoRA under DDP; gloo on CPU)")
     seed_option(un)
     un.set_defaults(func=cmd_unlearn)
     return parser

@@ -10,6 +10,7 @@ mean over real tokens regardless of how sequences were split or padded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from raylens.config import TOY, UnlearnConfig, to_flat
+from raylens.config import TOY, ConfigError, UnlearnConfig, from_flat, to_flat
 from raylens.data import load_paired, load_texts
 from raylens.lens import load_lens
 from raylens.losses import (
@@ -70,11 +71,45 @@ def prepare(config: UnlearnConfig, toyworld: Path | None = None):
     return model, tokenizer, lens, reference, layers
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum ``values`` over ranks (a no-op in one process)."""
+    if _rank_and_world()[1] == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print) -> TrainResult:
-    """Run the unlearning loop in this process and return the live model and its history."""
+    """Run the unlearning loop and return the live model and its history.
+
+    In one process, or as one of ``scaling.num_workers`` ranks of a process group (Ray Train):
+    each rank takes its slice of every global batch; real-token counts are summed over ranks
+    before dividing, and LoRA gradients are averaged by DDP at the last micro-batch of each step,
+    so every rank holds the same weights and the step equals the one-process step."""
+    rank, world = _rank_and_world()
+    if world != config.scaling.num_workers:
+        raise ConfigError(
+            f"scaling.num_workers={config.scaling.num_workers} is invalid: this process group "
+            f"has {world} ranks"
+        )
     model, tokenizer, lens, reference, layers = prepare(config, toyworld)
     data = load_paired(config.data, tokenizer, toyworld)
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # the adapter of block max(L) gets no gradient: its output, hidden_states[max(L) + 1],
+        # enters no loss; DDP must be told rather than wait for it
+        forward = DistributedDataParallel(model, find_unused_parameters=True)
     global_batch, micro = config.batch.global_batch, config.batch.per_device_batch
+    local_batch = global_batch // world
     steps_per_epoch = len(data) // global_batch
     total_steps = steps_per_epoch * config.batch.epochs
     optimizers = build_optimizers(model, config.optim)
@@ -90,37 +125,45 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print) -> 
         for i in range(steps_per_epoch):
             start = time.perf_counter()
             indices = order[i * global_batch : (i + 1) * global_batch]
-            micro_indices = [indices[j : j + micro] for j in range(0, global_batch, micro)]
+            indices = indices[rank * local_batch : (rank + 1) * local_batch]
+            micro_indices = [indices[j : j + micro] for j in range(0, local_batch, micro)]
             batches = [data.batch(m) for m in micro_indices]
-            num_forget = sum(f.num_tokens for f, _ in batches)
-            num_retain = sum(r.num_tokens for _, r in batches)
+            num_forget, num_retain = _all_reduce_sum([
+                sum(f.num_tokens for f, _ in batches), sum(r.num_tokens for _, r in batches)
+            ])
             c_r, c_f = loss_weights(step, total_steps, retain_coef=loss_cfg.retain_coef,
                                     remove_coef=loss_cfg.remove_coef,
                                     retain_start=loss_cfg.retain_start,
                                     ramp_fraction=loss_cfg.ramp_fraction)
             forget_sum = retain_sum = 0.0
-            for (forget, retain), examples in zip(batches, micro_indices):
+            for k, ((forget, retain), examples) in enumerate(zip(batches, micro_indices)):
                 targets = batch_targets(
                     [example_targets(config.seed, epoch, idx, len(layers), len(data.forget[idx]),
                                      vocab) for idx in examples],
                     forget.input_ids.shape[1],
                 )
-                out = model(input_ids=forget.input_ids, attention_mask=forget.attention_mask,
-                            output_hidden_states=True)
-                l_forget = forget_token_loss(lens, out.hidden_states, layers, forget.attention_mask,
-                                             targets).sum() / num_forget
-                out = model(input_ids=retain.input_ids, attention_mask=retain.attention_mask,
-                            output_hidden_states=True)
-                ref = reference(retain.input_ids, retain.attention_mask)
-                if loss_cfg.retain_loss == "l2":
-                    per_token = retain_l2_token_loss(out.hidden_states, ref.hidden_states, layers,
-                                                     retain.attention_mask)
-                else:
-                    per_token = retain_kl_token_loss(out.logits, ref.logits, retain.attention_mask)
-                l_retain = per_token.sum() / num_retain
-                (c_r * l_retain + c_f * l_forget).backward()
+                # DDP all-reduces gradients only at the last micro-batch of the step
+                last = k == len(batches) - 1
+                with forward.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                    out = forward(input_ids=forget.input_ids,
+                                  attention_mask=forget.attention_mask, output_hidden_states=True)
+                    l_forget = forget_token_loss(lens, out.hidden_states, layers,
+                                                 forget.attention_mask, targets).sum() / num_forget
+                    out = forward(input_ids=retain.input_ids,
+                                  attention_mask=retain.attention_mask, output_hidden_states=True)
+                    ref = reference(retain.input_ids, retain.attention_mask)
+                    if loss_cfg.retain_loss == "l2":
+                        per_token = retain_l2_token_loss(out.hidden_states, ref.hidden_states,
+                                                         layers, retain.attention_mask)
+                    else:
+                        per_token = retain_kl_token_loss(out.logits, ref.logits,
+                                                         retain.attention_mask)
+                    l_retain = per_token.sum() / num_retain
+                    # DDP divides by the number of ranks; the token counts are already global
+                    (world * (c_r * l_retain + c_f * l_forget)).backward()
                 forget_sum += l_forget.item()
                 retain_sum += l_retain.item()
+            forget_sum, retain_sum = _all_reduce_sum([forget_sum, retain_sum])
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip).item()
             lr = schedulers[-1].get_last_lr()[0]
             for opt in optimizers:
@@ -158,3 +201,58 @@ def save_run(result: TrainResult, config: UnlearnConfig, out: Path) -> Path:
             f.write(json.dumps(record) + "\n")
     folder, result.model = export(result.model, result.tokenizer, out, config.mode.kind)
     return folder
+
+
+def parameter_digest(model) -> str:
+    """SHA-256 of the trainable parameters' bytes: equal digests mean bit-identical weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _ray_worker(loop_config: dict) -> None:
+    """One Ray Train worker: train, check that every rank holds the same weights, export on
+    rank 0, report the last step's metrics."""
+    import ray.train
+
+    config = from_flat(UnlearnConfig, loop_config["config"])
+    toyworld = Path(loop_config["toyworld"]) if loop_config["toyworld"] else None
+    rank, world = _rank_and_world()
+    result = train(config, toyworld=toyworld, log=print if rank == 0 else (lambda *_: None))
+    digests = [None] * world
+    torch.distributed.all_gather_object(digests, parameter_digest(result.model))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks diverged after training: parameter digests {digests}")
+    report = {**result.history[-1], "num_steps": len(result.history), "rank_digests": digests}
+    if rank == 0:
+        out = Path(loop_config["out"])
+        save_run(result, config, out)
+        (out / "train_report.json").write_text(json.dumps(report, indent=1))
+    ray.train.report(report)
+
+
+def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
+               toyworld: Path | None = None, name: str = "unlearn") -> dict:
+    """Run ``train`` as ``scaling.num_workers`` Ray Train workers (gloo on CPU, NCCL on GPUs);
+    rank 0 exports to ``out`` with ``history.jsonl`` and ``train_report.json`` (the last step's
+    metrics and every rank's parameter digest), which this returns."""
+    from ray.train import RunConfig
+    from ray.train import ScalingConfig as RayScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = config.scaling.use_gpu
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"config": to_flat(config), "out": str(out),
+                           "toyworld": str(toyworld) if toyworld else None},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=RayScalingConfig(num_workers=config.scaling.num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=name, storage_path=str(storage_path)),
+    )
+    trainer.fit()  # raises ray.train.TrainingFailedError with the worker's traceback
+    return json.loads((Path(out) / "train_report.json").read_text())

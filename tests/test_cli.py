@@ -98,3 +98,23 @@ def test_builtin_task_without_its_dataset_fails_naming_the_task(tmp_path):
     assert out.returncode == 1, out.stderr[-2000:]
     assert "evaluation failed" in out.stderr and "wmdp_bio" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_unlearn_with_two_ray_workers(world, tmp_path):
+    out = raylens("unlearn", "--recipe", "lora_adamw", "--workers", "2",
+                  "--set", "data.num_examples=64", "--set", "batch.epochs=1",
+                  "--set", "batch.per_device_batch=8", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "trained 2 steps on 2 worker(s)" in out.stdout
+    report = json.loads((tmp_path / "run" / "train_report.json").read_text())
+    assert len(set(report["rank_digests"])) == 1
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["workers"] == 2 and set(results["after"]) == {"toy_wmdp", "toy_mmlu"}
+
+
+def test_workers_that_do_not_divide_the_batch_are_rejected(tmp_path):
+    out = raylens("unlearn", "--recipe", "lora_adamw", "--workers", "2", "--out",
+                  str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 2
+    assert "batch.global_batch=32 is invalid: allowed a multiple of per_device_batch x " \
+           "scaling.num_workers = 64" in out.stderr

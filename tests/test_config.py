@@ -44,6 +44,8 @@ MALFORMED = [
     (lambda: UnlearnConfig(batch=BatchConfig(global_batch=32, per_device_batch=8),
                            scaling=ScalingConfig(num_workers=3)), "batch.global_batch"),
     (lambda: UnlearnConfig(data=DataConfig(num_examples=16)), "data.num_examples"),
+    (lambda: UnlearnConfig(mode=ModeConfig(kind="full"), scaling=ScalingConfig(num_workers=2)),
+     "scaling.num_workers"),
     (lambda: ToyWorldConfig(hidden_size=100, num_heads=3), "toyworld.hidden_size"),
     (lambda: ToyWorldConfig(num_entities=3), "toyworld.num_entities"),
     (lambda: from_flat(UnlearnConfig, {"loss.retain_coeff": 5}), "loss.retain_coeff"),
@@ -91,7 +93,7 @@ def _custom():
         optim=OptimConfig(name="muon", muon_lr=0.02, adam_lr=3e-4, warmup_ratio=0.5),
         mode=ModeConfig(kind="full", lora_target_modules=("query_key_value", "dense")),
         data=DataConfig(num_examples=1024, retain_subset=None),
-        scaling=ScalingConfig(num_workers=4, use_gpu=True),
+        scaling=ScalingConfig(num_workers=1, use_gpu=True),
         eval=EvalConfig(tasks=("wmdp_bio", "mmlu")),
         seed=7,
     )
