@@ -257,7 +257,8 @@ class ScalingConfig:
 
 
 EVAL_TASKS = ("toy_wmdp", "toy_mmlu", "wmdp_bio", "mmlu", "mmlu_stem")
-"""Tasks raylens knows how to score (all 0-shot)."""
+"""Tasks raylens scores (all 0-shot); built-ins need their datasets cached. wmdp_bio_robust comes
+with its shipped YAMLs (the evaluation issue)."""
 
 
 @dataclass(frozen=True)
