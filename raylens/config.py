@@ -352,10 +352,6 @@ class UnlearnConfig:
             _fail("run", "seed", self.seed, "an integer")
         if self.mode.kind == "lora" and self.optim.name == "muon":
             _fail("optim", "name", self.optim.name, "'adamw' with mode.kind='lora' (Muon needs full)")
-        if self.mode.kind == "full" and self.scaling.num_workers > 1:
-            _fail("scaling", "num_workers", self.scaling.num_workers,
-                  "1 with mode.kind='full' until FSDP2 sharding is built (LoRA runs on several "
-                  "workers with DDP)")
         per_step = self.batch.per_device_batch * self.scaling.num_workers
         if self.batch.global_batch % per_step:
             _fail(

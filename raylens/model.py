@@ -136,3 +136,27 @@ def export(model, tokenizer, out: Path, mode: str):
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return out / "model", model
+
+
+def shard_fsdp2(model, *, bf16: bool = False) -> None:
+    """Shard ``model`` in place with FSDP2: ``fully_shard`` on every transformer block, then on
+    the root. Parameters become ``Shard(0)`` DTensors, which Muon orthogonalises as whole
+    matrices. ``bf16``: compute in bf16 and reduce gradients in fp32 (GPU)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from tuned_lens.model_surgery import get_transformer_layers
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if bf16 else MixedPrecisionPolicy()
+    _, blocks = get_transformer_layers(model)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def gather_full_state_dict(model) -> dict:
+    """The unsharded state dict, gathered to CPU; call on every rank, rank 0 receives it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )

@@ -26,7 +26,8 @@ from raylens.losses import (
     retain_l2_token_loss,
 )
 from raylens.model import (
-    Reference, apply_lora, export, load_model, load_model_config, resolve_target_layers,
+    Reference, apply_lora, export, gather_full_state_dict, load_model, load_model_config,
+    resolve_target_layers, shard_fsdp2,
 )
 from raylens.optim import build_optimizers, build_schedulers
 
@@ -102,7 +103,11 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print) -> 
     model, tokenizer, lens, reference, layers = prepare(config, toyworld)
     data = load_paired(config.data, tokenizer, toyworld)
     forward = model
-    if world > 1:
+    sharded = world > 1 and config.mode.kind == "full"
+    if sharded:
+        shard_fsdp2(model, bf16=config.scaling.use_gpu)
+        shard_fsdp2(reference.model, bf16=config.scaling.use_gpu)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         # the adapter of block max(L) gets no gradient: its output, hidden_states[max(L) + 1],
@@ -144,7 +149,10 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print) -> 
                 )
                 # DDP all-reduces gradients only at the last micro-batch of the step
                 last = k == len(batches) - 1
-                with forward.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                if sharded:
+                    model.set_requires_gradient_sync(last)
+                with forward.no_sync() if world > 1 and not sharded and not last \
+                        else contextlib.nullcontext():
                     out = forward(input_ids=forget.input_ids,
                                   attention_mask=forget.attention_mask, output_hidden_states=True)
                     l_forget = forget_token_loss(lens, out.hidden_states, layers,
@@ -164,7 +172,9 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print) -> 
                 forget_sum += l_forget.item()
                 retain_sum += l_retain.item()
             forget_sum, retain_sum = _all_reduce_sum([forget_sum, retain_sum])
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                         else grad_norm).item()
             lr = schedulers[-1].get_last_lr()[0]
             for opt in optimizers:
                 opt.step()
@@ -224,10 +234,20 @@ def _ray_worker(loop_config: dict) -> None:
     toyworld = Path(loop_config["toyworld"]) if loop_config["toyworld"] else None
     rank, world = _rank_and_world()
     result = train(config, toyworld=toyworld, log=print if rank == 0 else (lambda *_: None))
-    digests = [None] * world
-    torch.distributed.all_gather_object(digests, parameter_digest(result.model))
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"ranks diverged after training: parameter digests {digests}")
+    if config.mode.kind == "full" and world > 1:
+        # FSDP2: each rank holds a shard; gather the full weights into a plain model on rank 0
+        state = gather_full_state_dict(result.model)
+        digests = []
+        if rank == 0:
+            plain, _ = load_model(config.model, toyworld)
+            plain.load_state_dict(state)
+            result.model = plain.eval()
+            digests = [parameter_digest(plain)]
+    else:
+        digests = [None] * world
+        torch.distributed.all_gather_object(digests, parameter_digest(result.model))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks diverged after training: parameter digests {digests}")
     report = {**result.history[-1], "num_steps": len(result.history), "rank_digests": digests}
     if rank == 0:
         out = Path(loop_config["out"])

@@ -44,8 +44,6 @@ MALFORMED = [
     (lambda: UnlearnConfig(batch=BatchConfig(global_batch=32, per_device_batch=8),
                            scaling=ScalingConfig(num_workers=3)), "batch.global_batch"),
     (lambda: UnlearnConfig(data=DataConfig(num_examples=16)), "data.num_examples"),
-    (lambda: UnlearnConfig(mode=ModeConfig(kind="full"), scaling=ScalingConfig(num_workers=2)),
-     "scaling.num_workers"),
     (lambda: ToyWorldConfig(hidden_size=100, num_heads=3), "toyworld.hidden_size"),
     (lambda: ToyWorldConfig(num_entities=3), "toyworld.num_entities"),
     (lambda: from_flat(UnlearnConfig, {"loss.retain_coeff": 5}), "loss.retain_coeff"),
