@@ -91,9 +91,10 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print) -> 
     """Run the unlearning loop and return the live model and its history.
 
     In one process, or as one of ``scaling.num_workers`` ranks of a process group (Ray Train):
-    each rank takes its slice of every global batch; real-token counts are summed over ranks
-    before dividing, and LoRA gradients are averaged by DDP at the last micro-batch of each step,
-    so every rank holds the same weights and the step equals the one-process step."""
+    each rank takes its slice of every global batch and real-token counts are summed over ranks
+    before dividing. LoRA runs under DDP, full fine-tuning is sharded with FSDP2 (model and
+    reference); either way gradients are reduced only at the last micro-batch of a step, and the
+    step equals the one-process step."""
     rank, world = _rank_and_world()
     if world != config.scaling.num_workers:
         raise ConfigError(
