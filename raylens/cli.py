@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import raylens  # noqa: F401  (sets the offline Hugging Face environment first)
@@ -111,8 +112,6 @@ def cmd_unlearn(args) -> int:
     from raylens.config import TOY, recipe, to_flat
     from raylens.evaluate import hf_lm, run_lm_eval
     from raylens.model import load_model
-    from dataclasses import replace
-
     from raylens.train import fit_on_ray, save_run, train, validate
 
     overrides = _parse_overrides(args.set)
@@ -194,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a setting, e.g. --set loss.retain_coef=5 (repeatable)")
     un.add_argument("--out", required=True, help="new folder for the model, config and results")
     un.add_argument("--workers", type=int, default=None,
-                    help="Ray Train workers (LoRA under DDP; gloo on CPU)")
+                    help="Ray Train workers: LoRA under DDP, full fine-tuning under FSDP2")
     seed_option(un)
     un.set_defaults(func=cmd_unlearn)
     return parser
