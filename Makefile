@@ -28,3 +28,4 @@ test-slow: install
 
 bench: install
 	$(VENV)/bin/python bench/toyworld_cache.py
+	$(VENV)/bin/python bench/fsdp_memory.py

@@ -5,8 +5,9 @@
     raylens toyworld build [--seed N] build (or load from cache) a toy world, print where and what
     raylens eval --model M [--tasks ...]
                                       score a model folder (or ``toy`` / ``toy-control``) with lm-eval
-    raylens unlearn --recipe R [--set key=value ...] [--workers N] --out DIR
-                                      one unlearning run: eval before, train, export, eval after
+    raylens unlearn --recipe R [--set key=value ...] [--workers N | --gpus N] --out DIR [--resume]
+                                      one unlearning run: eval before, train, export, eval after;
+                                      --resume continues an interrupted run from its checkpoint
 
 Bad arguments are reported before any compute, naming the option, the value and what is allowed.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -50,7 +52,9 @@ def cmd_demo(args) -> int:
     cmd_toyworld_build(args)
     out = Path(args.out or f"raylens-runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"\nunlearning the hazard domain with the lora_adamw recipe -> {out}")
-    args.recipe, args.set, args.out, args.workers = "lora_adamw", [], str(out), None
+    args.recipe, args.set, args.out = "lora_adamw", [], str(out)
+    args.workers = args.gpus = None
+    args.resume = False
     return cmd_unlearn(args)
 
 
@@ -112,19 +116,38 @@ def cmd_unlearn(args) -> int:
     from raylens.config import TOY, recipe, to_flat
     from raylens.evaluate import hf_lm, run_lm_eval
     from raylens.model import load_model
-    from raylens.train import fit_on_ray, save_run, train, validate
+    from raylens.train import FolderCheckpoints, fit_on_ray, save_run, train, validate
 
     overrides = _parse_overrides(args.set)
+    if args.workers is not None and args.gpus is not None:
+        raise ConfigError(f"--gpus={args.gpus} is invalid with --workers={args.workers}: allowed "
+                          "one of them (--gpus N runs N workers with one GPU each)")
     if args.workers is not None:
         overrides["scaling.num_workers"] = args.workers
+    if args.gpus is not None:
+        overrides["scaling.num_workers"], overrides["scaling.use_gpu"] = args.gpus, True
     config = recipe(args.recipe, overrides)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out={args.out!r} is invalid: allowed a new or empty folder")
+    if args.resume:
+        if (out / "results.json").exists():
+            raise ConfigError(f"--out={args.out!r} is invalid with --resume: it holds a finished "
+                              "run (results.json); allowed the folder of an interrupted run")
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out={args.out!r} is invalid: allowed a new or empty folder "
+                          "(or --resume to continue the interrupted run in it)")
     uses_toy = TOY in (config.model.name_or_path, config.lens.name_or_path, config.data.forget,
                        config.data.retain) or any(t.startswith("toy_") for t in config.eval.tasks)
     toyworld = tw.load_or_build(_toy_config(args)).root if uses_toy else None
     validate(config, toyworld)
+    on_ray = config.scaling.num_workers > 1 or config.scaling.use_gpu
+    if on_ray:
+        import ray
+
+        ray.init(ignore_reinit_error=True)  # joins RAY_ADDRESS if set, else a local instance
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if config.scaling.use_gpu and gpus < config.scaling.num_workers:
+            raise ConfigError(f"--gpus={config.scaling.num_workers} is invalid: the Ray cluster "
+                              f"has {gpus:g} GPUs; allowed at most {gpus:g}")
     print(f"raylens unlearn: recipe {args.recipe}")
     for key, value in to_flat(config).items():
         print(f"  {key} = {value}")
@@ -135,18 +158,18 @@ def cmd_unlearn(args) -> int:
 
     before = score(*load_model(config.model, toyworld))
     start = time.perf_counter()
-    if config.scaling.num_workers > 1:
-        import ray
-
-        ray.init(ignore_reinit_error=True)  # joins RAY_ADDRESS if set, else a local instance
+    if on_ray:
+        # Ray keeps the checkpoints under out/ray/unlearn; the same call again resumes there
         report = fit_on_ray(config, out=out, storage_path=(out / "ray").resolve(),
                             toyworld=toyworld)
         folder, num_steps = out / "model", report["num_steps"]
         model, tokenizer = load_model(replace(config.model, name_or_path=str(folder)))
     else:
-        result = train(config, toyworld=toyworld)
+        store = FolderCheckpoints(out / "checkpoints", keep=config.scaling.keep_checkpoints)
+        result = train(config, toyworld=toyworld, checkpoints=store)
         folder, num_steps = save_run(result, config, out), len(result.history)
         model, tokenizer = result.model, result.tokenizer
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the export supersedes them
     train_s = time.perf_counter() - start
     after = score(model, tokenizer)
     summary = {"before": before, "after": after, "train_s": round(train_s, 1),
@@ -193,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a setting, e.g. --set loss.retain_coef=5 (repeatable)")
     un.add_argument("--out", required=True, help="new folder for the model, config and results")
     un.add_argument("--workers", type=int, default=None,
-                    help="Ray Train workers: LoRA under DDP, full fine-tuning under FSDP2")
+                    help="Ray Train workers on CPU: LoRA under DDP, full fine-tuning under FSDP2")
+    un.add_argument("--gpus", type=int, default=None,
+                    help="Ray Train workers with one GPU each (NCCL) on the Ray cluster")
+    un.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run in --out from its last checkpoint")
     seed_option(un)
     un.set_defaults(func=cmd_unlearn)
     return parser

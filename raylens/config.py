@@ -249,11 +249,26 @@ class ScalingConfig:
     """Training processes (one per GPU on a cluster)."""
     use_gpu: bool = False
     """Give each worker a GPU and use NCCL; otherwise CPU with gloo."""
+    checkpoint_every: int = 50
+    """Optimizer steps between sharded checkpoints (weights, optimizer, schedule, step, RNG);
+    0 writes none. A restarted worker group or a rerun with ``--resume`` continues from the
+    last one."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on storage (the newest)."""
+    max_failures: int = 2
+    """Worker-group failures Ray Train recovers from (from the last checkpoint) before the
+    run fails."""
 
     def __post_init__(self) -> None:
-        _check_positive(self._section, "num_workers", self.num_workers, integer=True)
+        s = self._section
+        _check_positive(s, "num_workers", self.num_workers, integer=True)
         if not isinstance(self.use_gpu, bool):
-            _fail(self._section, "use_gpu", self.use_gpu, "true or false")
+            _fail(s, "use_gpu", self.use_gpu, "true or false")
+        for name in ("checkpoint_every", "max_failures"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(s, name, value, "an integer >= 0")
+        _check_positive(s, "keep_checkpoints", self.keep_checkpoints, integer=True)
 
 
 EVAL_TASKS = ("toy_wmdp", "toy_mmlu", "wmdp_bio", "mmlu", "mmlu_stem")

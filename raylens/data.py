@@ -95,6 +95,9 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device))
+
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """Token ids of each text, truncated to ``max_length``; empty results are an error."""

@@ -40,6 +40,11 @@ class TrainResult:
     tokenizer: object
     history: list[dict] = field(default_factory=list)
     target_layers: tuple[int, ...] = ()
+    resumed_from: int = 0
+    """The checkpoint step this run continued from (0: started fresh)."""
+    resident_bytes: int = 0
+    """This rank's parameters, gradients and optimizer state after the first step (the frozen
+    full-mode reference included), local shards only."""
 
 
 def _lens_source(config: UnlearnConfig, toyworld: Path | None) -> str:
@@ -87,21 +92,196 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print) -> TrainResult:
+def _device(config: UnlearnConfig) -> torch.device:
+    if not config.scaling.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("scaling.use_gpu=True is invalid here: this process sees no CUDA device")
+    import os
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+# Keys that may change between a checkpoint and its resume: they steer fault tolerance, not the run.
+_RESUMABLE_CHANGES = ("scaling.checkpoint_every", "scaling.keep_checkpoints",
+                      "scaling.max_failures")
+
+
+class FolderCheckpoints:
+    """Checkpoints of a one-process run in ``root/step_NNNNNN``: written under a temporary name
+    and renamed when complete, so a crash mid-write leaves the previous one; the newest ``keep``
+    stay."""
+
+    def __init__(self, root: Path, keep: int = 2):
+        self.root, self.keep = Path(root), keep
+
+    def _complete(self) -> list[Path]:
+        import re
+
+        found = [p for p in self.root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)]
+        return sorted(found)
+
+    @contextlib.contextmanager
+    def latest(self):
+        done = self._complete()
+        yield done[-1] if done else None
+
+    def save(self, step: int, write, metrics: dict) -> None:
+        import shutil
+
+        tmp = self.root / f"step_{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        tmp.rename(self.root / f"step_{step:06d}")
+        for old in self._complete()[:-self.keep]:
+            shutil.rmtree(old)
+
+
+class RayCheckpoints:
+    """Checkpoints reported to Ray Train: each rank writes its shard to a local folder and Ray
+    merges the folders into one checkpoint on the run's storage; a restarted worker group (or a
+    rerun of the same run name) starts from the latest."""
+
+    @contextlib.contextmanager
+    def latest(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+        else:
+            with checkpoint.as_directory() as folder:
+                yield Path(folder)
+
+    def save(self, step: int, write, metrics: dict) -> None:
+        import tempfile
+
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix=f"raylens-step{step}-") as tmp:
+            write(Path(tmp))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _state_dict_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # LoRA: only the adapter (the frozen base is reloaded from its source); full: every weight
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def _write_checkpoint(folder: Path, *, model, optimizers, schedulers, step: int,
+                      history: list[dict], config: UnlearnConfig) -> None:
+    """Everything a resume needs: sharded weights and optimizer state (torch.distributed.checkpoint,
+    one file per rank), this rank's RNG, and on rank 0 the step, schedule and history (the data
+    position is the step: epoch orders are a function of seed and epoch)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, world = _rank_and_world()
+    model_state, optim_state = get_state_dict(model, optimizers, options=_state_dict_options())
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder),
+             no_dist=world == 1)
+    rng = {"cpu": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if config.scaling.use_gpu else torch.empty(0)}
+    torch.save(rng, folder / f"rng_rank{rank}.pt")
+    if rank == 0:
+        meta = {"step": step, "world": world, "config": to_flat(config),
+                "schedulers": [sched.state_dict() for sched in schedulers], "history": history}
+        (folder / "trainer.json").write_text(json.dumps(meta))
+
+
+def _read_checkpoint(folder: Path, *, model, optimizers, schedulers,
+                     config: UnlearnConfig) -> tuple[int, list[dict]]:
+    """Restore a checkpoint written by ``_write_checkpoint`` in place; ``(step, history)``.
+    A checkpoint of a different run (config or worker count) is refused, naming the field."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    rank, world = _rank_and_world()
+    meta = json.loads((folder / "trainer.json").read_text())
+    if meta["world"] != world:
+        raise ConfigError(
+            f"scaling.num_workers={world} is invalid for resuming {folder}: allowed "
+            f"{meta['world']}, the worker count that wrote it"
+        )
+    ours = to_flat(config)
+    for key in sorted(set(ours) | set(meta["config"])):
+        if key not in _RESUMABLE_CHANGES and ours.get(key) != meta["config"].get(key):
+            raise ConfigError(
+                f"{key}={ours.get(key)!r} is invalid for resuming {folder}: allowed "
+                f"{meta['config'].get(key)!r}, the value of the run that wrote it (or start a "
+                f"new run)"
+            )
+    model_state, optim_state = get_state_dict(model, optimizers, options=_state_dict_options())
+    state = {"model": model_state, "optim": optim_state}
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    missing = [key for key in model_state if f"model.{key}" not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {folder} lacks weights {missing[:3]} (of {len(missing)})")
+    # parameters that never received a gradient (the adapter of block max(L); blocks above it
+    # under the L2 retain loss) have no optimizer state to restore
+    dcp.load(state, checkpoint_id=str(folder),
+             planner=dcp.DefaultLoadPlanner(allow_partial_load=True), no_dist=world == 1)
+    set_state_dict(model, optimizers, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"],
+                   options=_state_dict_options(strict=False))  # frozen weights are not in it
+    for sched, sched_state in zip(schedulers, meta["schedulers"]):
+        sched.load_state_dict(sched_state)
+    rng = torch.load(folder / f"rng_rank{rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if config.scaling.use_gpu:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return meta["step"], meta["history"]
+
+
+def _resident_bytes(*modules, optimizers=()) -> int:
+    """Bytes of this rank's parameters, gradients and optimizer state (local shards only)."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        t = t.to_local() if hasattr(t, "to_local") else t
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for module in modules:
+        for p in module.parameters():
+            add(p.detach())
+            if p.grad is not None:
+                add(p.grad)
+    for opt in optimizers:
+        for state in opt.state.values():
+            for value in state.values():
+                add(value)
+    return total
+
+
+def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
+          checkpoints=None, on_step=None) -> TrainResult:
     """Run the unlearning loop and return the live model and its history.
 
     In one process, or as one of ``scaling.num_workers`` ranks of a process group (Ray Train):
     each rank takes its slice of every global batch and real-token counts are summed over ranks
     before dividing. LoRA runs under DDP, full fine-tuning is sharded with FSDP2 (model and
     reference); either way gradients are reduced only at the last micro-batch of a step, and the
-    step equals the one-process step."""
+    step equals the one-process step. ``checkpoints`` (``FolderCheckpoints`` or
+    ``RayCheckpoints``) resumes from its latest checkpoint and writes one every
+    ``scaling.checkpoint_every`` steps; ``on_step(record)`` sees every step's metrics."""
     rank, world = _rank_and_world()
     if world != config.scaling.num_workers:
         raise ConfigError(
             f"scaling.num_workers={config.scaling.num_workers} is invalid: this process group "
             f"has {world} ranks"
         )
+    device = _device(config)
     model, tokenizer, lens, reference, layers = prepare(config, toyworld)
+    model.to(device)
+    lens.to(device)
+    if config.mode.kind == "full":
+        reference.model.to(device)
     data = load_paired(config.data, tokenizer, toyworld)
     forward = model
     sharded = world > 1 and config.mode.kind == "full"
@@ -121,84 +301,101 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print) -> 
     optimizers = build_optimizers(model, config.optim)
     schedulers = build_schedulers(optimizers, total_steps, config.optim.warmup_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
+    history: list[dict] = []
+    first = 0
+    if checkpoints is not None:
+        with checkpoints.latest() as folder:
+            if folder is not None:
+                first, history = _read_checkpoint(folder, model=model, optimizers=optimizers,
+                                                  schedulers=schedulers, config=config)
+                log(f"resumed from {folder} at step {first}/{total_steps}")
     log_every = max(1, total_steps // 32)  # ~32 log lines per run; every step is in history
     vocab = lens.unembed.unembedding.out_features
     loss_cfg = config.loss
-    history: list[dict] = []
-    step = 0
-    for epoch in range(config.batch.epochs):
-        order = data.epoch_order(epoch, config.seed)
-        for i in range(steps_per_epoch):
-            start = time.perf_counter()
-            indices = order[i * global_batch : (i + 1) * global_batch]
-            indices = indices[rank * local_batch : (rank + 1) * local_batch]
-            micro_indices = [indices[j : j + micro] for j in range(0, local_batch, micro)]
-            batches = [data.batch(m) for m in micro_indices]
-            num_forget, num_retain = _all_reduce_sum([
-                sum(f.num_tokens for f, _ in batches), sum(r.num_tokens for _, r in batches)
-            ])
-            c_r, c_f = loss_weights(step, total_steps, retain_coef=loss_cfg.retain_coef,
-                                    remove_coef=loss_cfg.remove_coef,
-                                    retain_start=loss_cfg.retain_start,
-                                    ramp_fraction=loss_cfg.ramp_fraction)
-            forget_sum = retain_sum = 0.0
-            for k, ((forget, retain), examples) in enumerate(zip(batches, micro_indices)):
-                targets = batch_targets(
-                    [example_targets(config.seed, epoch, idx, len(layers), len(data.forget[idx]),
-                                     vocab) for idx in examples],
-                    forget.input_ids.shape[1],
-                )
-                # DDP all-reduces gradients only at the last micro-batch of the step
-                last = k == len(batches) - 1
-                if sharded:
-                    model.set_requires_gradient_sync(last)
-                with forward.no_sync() if world > 1 and not sharded and not last \
-                        else contextlib.nullcontext():
-                    out = forward(input_ids=forget.input_ids,
-                                  attention_mask=forget.attention_mask, output_hidden_states=True)
-                    l_forget = forget_token_loss(lens, out.hidden_states, layers,
-                                                 forget.attention_mask, targets).sum() / num_forget
-                    out = forward(input_ids=retain.input_ids,
-                                  attention_mask=retain.attention_mask, output_hidden_states=True)
-                    ref = reference(retain.input_ids, retain.attention_mask)
-                    if loss_cfg.retain_loss == "l2":
-                        per_token = retain_l2_token_loss(out.hidden_states, ref.hidden_states,
-                                                         layers, retain.attention_mask)
-                    else:
-                        per_token = retain_kl_token_loss(out.logits, ref.logits,
-                                                         retain.attention_mask)
-                    l_retain = per_token.sum() / num_retain
-                    # DDP divides by the number of ranks; the token counts are already global
-                    (world * (c_r * l_retain + c_f * l_forget)).backward()
-                forget_sum += l_forget.item()
-                retain_sum += l_retain.item()
-            forget_sum, retain_sum = _all_reduce_sum([forget_sum, retain_sum])
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                         else grad_norm).item()
-            lr = schedulers[-1].get_last_lr()[0]
-            for opt in optimizers:
-                opt.step()
-            for sched in schedulers:
-                sched.step()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            record = {
-                "step": step + 1, "epoch": epoch, "retain_loss": retain_sum,
-                "forget_loss": forget_sum, "retain_weight": c_r, "forget_weight": c_f,
-                "loss": c_r * retain_sum + c_f * forget_sum, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": (num_forget + num_retain) / (time.perf_counter() - start),
-            }
-            history.append(record)
-            if (step + 1) % log_every == 0 or step + 1 == total_steps:
-                log(
-                    f"step {step + 1:4d}/{total_steps} retain {retain_sum:.4f} (x{c_r:.3g}) "
-                    f"forget {forget_sum:.4f} (x{c_f:.3g}) lr {lr:.3g} grad {grad_norm:.3g} "
-                    f"{record['tokens_per_s']:.0f} tok/s"
-                )
-            step += 1
+    every = config.scaling.checkpoint_every
+    resident = None
+    for step in range(first, total_steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        start = time.perf_counter()
+        indices = data.epoch_order(epoch, config.seed)[i * global_batch : (i + 1) * global_batch]
+        indices = indices[rank * local_batch : (rank + 1) * local_batch]
+        micro_indices = [indices[j : j + micro] for j in range(0, local_batch, micro)]
+        batches = [(f.to(device), r.to(device)) for f, r in map(data.batch, micro_indices)]
+        num_forget, num_retain = _all_reduce_sum([
+            sum(f.num_tokens for f, _ in batches), sum(r.num_tokens for _, r in batches)
+        ])
+        c_r, c_f = loss_weights(step, total_steps, retain_coef=loss_cfg.retain_coef,
+                                remove_coef=loss_cfg.remove_coef,
+                                retain_start=loss_cfg.retain_start,
+                                ramp_fraction=loss_cfg.ramp_fraction)
+        forget_sum = retain_sum = 0.0
+        for k, ((forget, retain), examples) in enumerate(zip(batches, micro_indices)):
+            targets = batch_targets(
+                [example_targets(config.seed, epoch, idx, len(layers), len(data.forget[idx]),
+                                 vocab) for idx in examples],
+                forget.input_ids.shape[1],
+            )
+            # DDP all-reduces gradients only at the last micro-batch of the step
+            last = k == len(batches) - 1
+            if sharded:
+                model.set_requires_gradient_sync(last)
+            with forward.no_sync() if world > 1 and not sharded and not last \
+                    else contextlib.nullcontext():
+                out = forward(input_ids=forget.input_ids,
+                              attention_mask=forget.attention_mask, output_hidden_states=True)
+                l_forget = forget_token_loss(lens, out.hidden_states, layers,
+                                             forget.attention_mask, targets).sum() / num_forget
+                out = forward(input_ids=retain.input_ids,
+                              attention_mask=retain.attention_mask, output_hidden_states=True)
+                ref = reference(retain.input_ids, retain.attention_mask)
+                if loss_cfg.retain_loss == "l2":
+                    per_token = retain_l2_token_loss(out.hidden_states, ref.hidden_states,
+                                                     layers, retain.attention_mask)
+                else:
+                    per_token = retain_kl_token_loss(out.logits, ref.logits,
+                                                     retain.attention_mask)
+                l_retain = per_token.sum() / num_retain
+                # DDP divides by the number of ranks; the token counts are already global
+                (world * (c_r * l_retain + c_f * l_forget)).backward()
+            forget_sum += l_forget.item()
+            retain_sum += l_retain.item()
+        forget_sum, retain_sum = _all_reduce_sum([forget_sum, retain_sum])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                     else grad_norm).item()
+        lr = schedulers[-1].get_last_lr()[0]
+        for opt in optimizers:
+            opt.step()
+        if resident is None:  # weights, gradients and optimizer state all exist now
+            extra = (reference.model,) if config.mode.kind == "full" else ()
+            resident = _resident_bytes(model, *extra, optimizers=optimizers)
+        for sched in schedulers:
+            sched.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        record = {
+            "step": step + 1, "epoch": epoch, "retain_loss": retain_sum,
+            "forget_loss": forget_sum, "retain_weight": c_r, "forget_weight": c_f,
+            "loss": c_r * retain_sum + c_f * forget_sum, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": (num_forget + num_retain) / (time.perf_counter() - start),
+        }
+        history.append(record)
+        if (step + 1) % log_every == 0 or step + 1 == total_steps:
+            log(
+                f"step {step + 1:4d}/{total_steps} retain {retain_sum:.4f} (x{c_r:.3g}) "
+                f"forget {forget_sum:.4f} (x{c_f:.3g}) lr {lr:.3g} grad {grad_norm:.3g} "
+                f"{record['tokens_per_s']:.0f} tok/s"
+            )
+        if checkpoints is not None and every and (step + 1) % every == 0 \
+                and step + 1 < total_steps:
+            checkpoints.save(step + 1, lambda folder: _write_checkpoint(
+                folder, model=model, optimizers=optimizers, schedulers=schedulers,
+                step=step + 1, history=history, config=config), record)
+        if on_step is not None:
+            on_step(record)
     model.eval()
-    return TrainResult(model, tokenizer, history, layers)
+    return TrainResult(model, tokenizer, history, layers, resumed_from=first,
+                       resident_bytes=resident or 0)
 
 
 def save_run(result: TrainResult, config: UnlearnConfig, out: Path) -> Path:
@@ -226,15 +423,29 @@ def parameter_digest(model) -> str:
     return digest.hexdigest()
 
 
+def _peak_memory_mb(use_gpu: bool) -> float:
+    """This process's peak memory: allocated CUDA memory on GPU, resident set size on CPU."""
+    if use_gpu:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
 def _ray_worker(loop_config: dict) -> None:
-    """One Ray Train worker: train, check that every rank holds the same weights, export on
-    rank 0, report the last step's metrics."""
+    """One Ray Train worker: train (resuming from Ray's latest checkpoint, if any), check that
+    every rank holds the same weights, export on rank 0, report the last step's metrics."""
     import ray.train
 
     config = from_flat(UnlearnConfig, loop_config["config"])
     toyworld = Path(loop_config["toyworld"]) if loop_config["toyworld"] else None
     rank, world = _rank_and_world()
-    result = train(config, toyworld=toyworld, log=print if rank == 0 else (lambda *_: None))
+    result = train(config, toyworld=toyworld, log=print if rank == 0 else (lambda *_: None),
+                   checkpoints=RayCheckpoints())
+    memory = [None] * world
+    torch.distributed.all_gather_object(memory, {
+        "resident_mb": result.resident_bytes / 2**20,
+        "peak_mb": _peak_memory_mb(config.scaling.use_gpu)})
     if config.mode.kind == "full" and world > 1:
         # FSDP2: each rank holds a shard; gather the full weights into a plain model on rank 0
         state = gather_full_state_dict(result.model)
@@ -249,7 +460,8 @@ def _ray_worker(loop_config: dict) -> None:
         torch.distributed.all_gather_object(digests, parameter_digest(result.model))
         if len(set(digests)) != 1:
             raise RuntimeError(f"ranks diverged after training: parameter digests {digests}")
-    report = {**result.history[-1], "num_steps": len(result.history), "rank_digests": digests}
+    report = {**result.history[-1], "num_steps": len(result.history), "rank_digests": digests,
+              "resumed_from": result.resumed_from, "memory_per_rank": memory}
     if rank == 0:
         out = Path(loop_config["out"])
         save_run(result, config, out)
@@ -261,8 +473,11 @@ def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
                toyworld: Path | None = None, name: str = "unlearn") -> dict:
     """Run ``train`` as ``scaling.num_workers`` Ray Train workers (gloo on CPU, NCCL on GPUs);
     rank 0 exports to ``out`` with ``history.jsonl`` and ``train_report.json`` (the last step's
-    metrics and every rank's parameter digest), which this returns."""
-    from ray.train import RunConfig
+    metrics, every rank's parameter digest and memory, the step it resumed from), which this
+    returns. Checkpoints go to ``storage_path/name``: a failed worker group is restarted from the
+    last one up to ``scaling.max_failures`` times, and a new call with the same ``name`` and
+    ``storage_path`` continues an interrupted run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -273,7 +488,10 @@ def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
                            "toyworld": str(toyworld) if toyworld else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=RayScalingConfig(num_workers=config.scaling.num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=name, storage_path=str(storage_path)),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.scaling.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures)),
     )
     trainer.fit()  # raises ray.train.TrainingFailedError with the worker's traceback
     return json.loads((Path(out) / "train_report.json").read_text())

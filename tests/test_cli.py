@@ -118,3 +118,29 @@ def test_workers_that_do_not_divide_the_batch_are_rejected(tmp_path):
     assert out.returncode == 2
     assert "batch.global_batch=32 is invalid: allowed a multiple of per_device_batch x " \
            "scaling.num_workers = 64" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", "2", "--gpus", "2"], "--gpus=2 is invalid with --workers=2"),
+        (["--gpus", "1"], "--gpus=1 is invalid: the Ray cluster has 0 GPUs"),
+    ],
+)
+def test_gpu_requests_are_checked_before_training(args, message, tmp_path):
+    out = raylens("unlearn", "--recipe", "lora_adamw", *args, "--out", str(tmp_path / "run"),
+                  cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "step " not in out.stdout
+
+
+def test_out_folder_rules_for_new_and_resumed_runs(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "history.jsonl").write_text("")
+    out = raylens("unlearn", "--recipe", "lora_adamw", "--out", str(tmp_path / "run"),
+                  cwd=tmp_path)
+    assert out.returncode == 2 and "or --resume to continue" in out.stderr
+    (tmp_path / "run" / "results.json").write_text("{}")
+    out = raylens("unlearn", "--recipe", "lora_adamw", "--out", str(tmp_path / "run"),
+                  "--resume", cwd=tmp_path)
+    assert out.returncode == 2 and "holds a finished run" in out.stderr

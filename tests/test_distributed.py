@@ -71,3 +71,108 @@ def test_fsdp2_two_workers_match_one_process(world, ray_local, tmp_path, name, l
     diff = (delta(two) - delta(single)).norm() / delta(single).norm()
     print(f"{name}: update relative difference 2 FSDP2 workers vs 1 process: {diff.item():.2e}")
     assert delta(single).norm() > 0 and diff.item() < update_rel
+
+
+def _train_worker_pids(ray) -> list[int]:
+    import psutil
+
+    actors = ray._private.state.actors().values()  # the GCS actor table; no dashboard needed
+    return [a["Pid"] for a in actors
+            if a["ActorClassName"] == "RayTrainWorker" and psutil.pid_exists(a["Pid"])]
+
+
+def _registered_checkpoints(run_folder) -> int:
+    """Checkpoints Ray's checkpoint manager has registered (files alone are not enough: a kill
+    between upload and registration restarts from the previous one)."""
+    snapshot = run_folder / "checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(snapshot.read_text())["checkpoint_results"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _fit_and_kill_a_worker(config, world, ray, storage, name) -> dict:
+    """Run ``fit_on_ray`` in a thread; SIGKILL one worker once a checkpoint is registered.
+    Returns ``{"killed": pid, "report": ...}`` or ``{"killed": pid, "error": exc}``."""
+    import os
+    import signal
+    import threading
+    import time
+
+    outcome = {"killed": None}
+
+    def run():
+        try:
+            outcome["report"] = fit_on_ray(config, out=storage / f"{name}-out",
+                                           storage_path=storage, toyworld=world.root, name=name)
+        except Exception as exc:  # noqa: BLE001  (the test inspects it)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while outcome["killed"] is None and time.monotonic() < deadline and thread.is_alive():
+        if _registered_checkpoints(storage / name):
+            pids = _train_worker_pids(ray)
+            if len(pids) == 2:
+                outcome["killed"] = max(pids)
+                os.kill(outcome["killed"], signal.SIGKILL)
+        time.sleep(0.1)
+    thread.join(timeout=600)
+    assert outcome["killed"] is not None, "the run ended before a checkpoint was registered"
+    return outcome
+
+
+KILL_OVERRIDES = {"data.num_examples": 64, "batch.epochs": 6, "batch.per_device_batch": 8,
+                  "scaling.num_workers": 2, "scaling.checkpoint_every": 3}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, ray_local, tmp_path_factory):
+    """The 12-step 2-worker FSDP2 run the interrupted ones must reproduce."""
+    storage = tmp_path_factory.mktemp("uninterrupted")
+    report = fit_on_ray(recipe("sft_adamw", KILL_OVERRIDES), out=storage / "out",
+                        storage_path=storage, toyworld=world.root, name="whole")
+    assert report["resumed_from"] == 0 and report["num_steps"] == 12
+    return load_file(storage / "out" / "model" / "model.safetensors")
+
+
+def _assert_same_weights(folder, expected):
+    got = load_file(folder / "model" / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(
+        world, ray_local, uninterrupted, tmp_path):
+    """SIGKILL one of two FSDP2 workers after Ray registered a checkpoint: Ray Train restarts the
+    worker group (FailureConfig max_failures=1) from it, and the run ends bit-identical to one
+    that was never interrupted, with every step in its history once."""
+    config = recipe("sft_adamw", {**KILL_OVERRIDES, "scaling.max_failures": 1})
+    outcome = _fit_and_kill_a_worker(config, world, ray_local, tmp_path, "killed")
+    assert "error" not in outcome, outcome.get("error")
+    report = outcome["report"]
+    print(f"worker {outcome['killed']} killed; resumed from step {report['resumed_from']}")
+    assert report["resumed_from"] in (3, 6, 9) and report["num_steps"] == 12
+    assert outcome["killed"] not in _train_worker_pids(ray_local)
+    history = [json.loads(line) for line in
+               (tmp_path / "killed-out" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == list(range(1, 13))
+    _assert_same_weights(tmp_path / "killed-out", uninterrupted)
+
+
+def test_failed_run_resumes_when_started_again_with_its_name(world, ray_local, uninterrupted,
+                                                           tmp_path):
+    """With no retries left the kill fails the run; the same call again (same name and storage)
+    continues from the last registered checkpoint and ends bit-identical."""
+    from ray.train import TrainingFailedError
+
+    config = recipe("sft_adamw", {**KILL_OVERRIDES, "scaling.max_failures": 0})
+    outcome = _fit_and_kill_a_worker(config, world, ray_local, tmp_path, "again")
+    assert isinstance(outcome.get("error"), TrainingFailedError), outcome
+    report = fit_on_ray(config, out=tmp_path / "again-out", storage_path=tmp_path,
+                        toyworld=world.root, name="again")
+    print(f"rerun resumed from step {report['resumed_from']}")
+    assert report["resumed_from"] in (3, 6, 9) and report["num_steps"] == 12
+    _assert_same_weights(tmp_path / "again-out", uninterrupted)

@@ -88,3 +88,45 @@ def test_gradient_checkpointing_gives_the_same_step(world, name):
     for key in ("retain_loss", "forget_loss", "grad_norm"):
         assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
     assert plain["grad_norm"] > 0
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["lora_adamw", "sft_muon"])
+def test_interrupted_run_resumes_to_the_same_weights(world, tmp_path, name):
+    """Stop after step 5 (checkpoint at 4), rerun: the resumed run repeats step 5 from the
+    checkpoint's weights, optimizer state, schedule and RNG (LoRA dropout draws from it) and ends
+    bit-identical to a run that was never stopped."""
+    from raylens.train import FolderCheckpoints
+
+    config = recipe(name, {"data.num_examples": 64, "batch.epochs": 3,
+                           "batch.per_device_batch": 16, "scaling.checkpoint_every": 2,
+                           "mode.lora_dropout": 0.1})
+    whole = train(config, toyworld=world.root, **QUIET)
+    assert len(whole.history) == 6
+
+    def stop_after_5(record):
+        if record["step"] == 5:
+            raise _Interrupt
+
+    store = FolderCheckpoints(tmp_path / "checkpoints", keep=1)
+    with pytest.raises(_Interrupt):
+        train(config, toyworld=world.root, checkpoints=store, on_step=stop_after_5, **QUIET)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000004"]
+    lines = []
+    resumed = train(config, toyworld=world.root, checkpoints=store, log=lines.append)
+    assert lines[0].startswith("resumed from") and "step 4/6" in lines[0]
+    assert [r["step"] for r in resumed.history] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(resumed.history, whole.history):
+        assert a["loss"] == b["loss"] and a["lr"] == b["lr"]
+    for (key, a), (_, b) in zip(resumed.model.state_dict().items(),
+                                whole.model.state_dict().items()):
+        assert torch.equal(a, b), key
+
+    changed = recipe(name, {"data.num_examples": 64, "batch.epochs": 3,
+                            "batch.per_device_batch": 16, "scaling.checkpoint_every": 2,
+                            "mode.lora_dropout": 0.1, "loss.remove_coef": 7.0})
+    with pytest.raises(ValueError, match=r"loss.remove_coef=7.0 is invalid for resuming"):
+        train(changed, toyworld=world.root, checkpoints=store, **QUIET)
