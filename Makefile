@@ -29,3 +29,4 @@ test-slow: install
 bench: install
 	$(VENV)/bin/python bench/toyworld_cache.py
 	$(VENV)/bin/python bench/fsdp_memory.py
+	$(VENV)/bin/python bench/eval_speed.py

@@ -3,8 +3,9 @@
     raylens demo                      the main job on the embedded default (for now: the toy
                                       world's baseline table, then one LoRA unlearning run)
     raylens toyworld build [--seed N] build (or load from cache) a toy world, print where and what
-    raylens eval --model M [--tasks ...]
-                                      score a model folder (or ``toy`` / ``toy-control``) with lm-eval
+    raylens eval --model M [--tasks ...] [--scorer fast [--subset F]]
+                                      score a model folder (or ``toy`` / ``toy-control``) with
+                                      lm-eval, or with the fast one-forward scorer
     raylens unlearn --recipe R [--set key=value ...] [--workers N | --gpus N] --out DIR [--resume]
                                       one unlearning run: eval before, train, export, eval after;
                                       --resume continues an interrupted run from its checkpoint
@@ -77,13 +78,30 @@ def _model_folder(name: str, world_config: ToyWorldConfig) -> tuple[Path, Path |
 def cmd_eval(args) -> int:
     from raylens.evaluate import evaluate_folder
 
-    eval_config = EvalConfig(tasks=tuple(args.tasks), batch_size=args.batch_size)
+    eval_config = EvalConfig(tasks=tuple(args.tasks), batch_size=args.batch_size,
+                             time_limit_s=args.time_limit, subset=args.subset,
+                             data_dir=args.data_dir)
     toyworld = Path(args.toyworld) if args.toyworld else None
     if toyworld is not None and not (toyworld / "baseline.json").exists():
         raise ConfigError(f"--toyworld={args.toyworld!r} is invalid: allowed a built toy world folder")
+    if args.scorer == "lm-eval" and args.subset is not None:
+        raise ConfigError(f"--subset={args.subset} is invalid with --scorer lm-eval: allowed "
+                          "with --scorer fast (lm-eval scores whole tasks, or --limit N)")
     folder, default_world = _model_folder(args.model, _toy_config(args))
-    results = evaluate_folder(folder, eval_config.tasks, toyworld=toyworld or default_world,
-                              batch_size=eval_config.batch_size, limit=args.limit)
+    toyworld = toyworld or default_world
+    if args.scorer == "fast":
+        from raylens.config import ModelConfig
+        from raylens.model import load_model
+        from raylens.train import evaluate_live
+
+        model, tokenizer = load_model(ModelConfig(name_or_path=str(folder)))
+        results = evaluate_live(model, tokenizer, eval_config, toyworld)
+        for r in results.values():
+            r.pop("predictions")
+    else:
+        results = evaluate_folder(folder, eval_config.tasks, toyworld=toyworld,
+                                  batch_size=eval_config.batch_size, limit=args.limit,
+                                  data_dir=args.data_dir, time_limit_s=args.time_limit)
     if args.json:
         print(json.dumps(results, indent=1, sort_keys=True))
     else:
@@ -103,11 +121,11 @@ def _parse_overrides(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
-def _results_table(before: dict, after: dict) -> str:
-    rows = ["| task | before | after | change |", "|---|---|---|---|"]
+def _results_table(before: dict, after: dict, in_trial: dict) -> str:
+    rows = ["| task | before | after | change | in-trial (fast scorer) |", "|---|---|---|---|---|"]
     for task in after:
         b, a = before[task]["acc"], after[task]["acc"]
-        rows.append(f"| {task} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
+        rows.append(f"| {task} | {b:.4f} | {a:.4f} | {a - b:+.4f} | {in_trial[task]['acc']:.4f} |")
     return "\n".join(rows)
 
 
@@ -116,7 +134,10 @@ def cmd_unlearn(args) -> int:
     from raylens.config import TOY, recipe, to_flat
     from raylens.evaluate import hf_lm, run_lm_eval
     from raylens.model import load_model
-    from raylens.train import FolderCheckpoints, fit_on_ray, save_run, train, validate
+    from raylens.evaluate import EvalError
+    from raylens.train import (
+        FolderCheckpoints, evaluate_live, fit_on_ray, save_run, train, validate,
+    )
 
     overrides = _parse_overrides(args.set)
     if args.workers is not None and args.gpus is not None:
@@ -162,22 +183,28 @@ def cmd_unlearn(args) -> int:
         # Ray keeps the checkpoints under out/ray/unlearn; the same call again resumes there
         report = fit_on_ray(config, out=out, storage_path=(out / "ray").resolve(),
                             toyworld=toyworld)
-        folder, num_steps = out / "model", report["num_steps"]
+        if report["eval_error"]:
+            raise EvalError(report["eval_error"])
+        folder, num_steps, in_trial = out / "model", report["num_steps"], report["eval"]
         model, tokenizer = load_model(replace(config.model, name_or_path=str(folder)))
     else:
         store = FolderCheckpoints(out / "checkpoints", keep=config.scaling.keep_checkpoints)
         result = train(config, toyworld=toyworld, checkpoints=store)
+        in_trial = evaluate_live(result.model, result.tokenizer, config.eval, toyworld)
         folder, num_steps = save_run(result, config, out), len(result.history)
         model, tokenizer = result.model, result.tokenizer
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the export supersedes them
     train_s = time.perf_counter() - start
     after = score(model, tokenizer)
-    summary = {"before": before, "after": after, "train_s": round(train_s, 1),
+    for scores in in_trial.values():
+        scores.pop("predictions")
+    summary = {"before": before, "after": after, "in_trial": in_trial,
+               "train_s": round(train_s, 1),
                "model": str(folder), "workers": config.scaling.num_workers}
     (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
     print(f"trained {num_steps} steps on {config.scaling.num_workers} worker(s) in {train_s:.1f} s; "
           f"model exported to {folder}")
-    print(_results_table(before, after))
+    print(_results_table(before, after, in_trial))
     return 0
 
 
@@ -206,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--toyworld", default=None, help="toy world folder for the toy tasks")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--limit", type=int, default=None, help="first N questions per task (testing)")
+    ev.add_argument("--scorer", choices=("lm-eval", "fast"), default="lm-eval",
+                    help="lm-eval (the authority, default) or raylens's one-forward scorer")
+    ev.add_argument("--subset", type=float, default=None,
+                    help="fast scorer: a seeded, stratified fraction of each task")
+    ev.add_argument("--data-dir", default=None,
+                    help="local dataset snapshots, <dir>/<hub id> (offline clusters)")
+    ev.add_argument("--time-limit", type=float, default=1800.0,
+                    help="seconds before the evaluation fails (default 1800)")
     ev.add_argument("--json", action="store_true", help="print results as JSON")
     seed_option(ev)
     ev.set_defaults(func=cmd_eval)

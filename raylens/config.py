@@ -271,9 +271,9 @@ class ScalingConfig:
         _check_positive(s, "keep_checkpoints", self.keep_checkpoints, integer=True)
 
 
-EVAL_TASKS = ("toy_wmdp", "toy_mmlu", "wmdp_bio", "mmlu", "mmlu_stem")
-"""Tasks raylens scores (all 0-shot); built-ins need their datasets cached. wmdp_bio_robust comes
-with its shipped YAMLs (the evaluation issue)."""
+EVAL_TASKS = ("toy_wmdp", "toy_mmlu", "wmdp_bio_robust", "wmdp_bio", "mmlu", "mmlu_stem")
+"""Tasks raylens scores (all 0-shot). The toy tasks and ``wmdp_bio_robust`` ship as YAMLs in
+``raylens/tasks``; the others are lm-eval built-ins and need their datasets cached."""
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,16 @@ class EvalConfig:
     batch_size: int = 32
     """Questions per forward pass."""
     time_limit_s: float = 1800.0
-    """An evaluation running longer than this fails with an error naming the task."""
+    """An evaluation running longer than this fails with an error naming the task (checked
+    between batches)."""
+    subset: float | None = None
+    """Score a fixed, seeded, stratified fraction of each task's questions (during search);
+    None scores all of them (final numbers)."""
+    subset_seed: int = 0
+    """Seed of the subset: the same seed gives the same questions in every trial."""
+    data_dir: str | None = None
+    """Folder of local dataset snapshots, ``<data_dir>/<hub id>`` (offline clusters); None uses
+    the hub or its cache."""
 
     def __post_init__(self) -> None:
         s = self._section
@@ -297,6 +306,14 @@ class EvalConfig:
                 _fail(s, "tasks", self.tasks, "tasks from " + ", ".join(EVAL_TASKS))
         _check_positive(s, "batch_size", self.batch_size, integer=True)
         _check_positive(s, "time_limit_s", self.time_limit_s)
+        if self.subset is not None:
+            ok = isinstance(self.subset, (int, float)) and not isinstance(self.subset, bool)
+            if not (ok and 0 < self.subset <= 1):
+                _fail(s, "subset", self.subset, "a fraction in (0, 1] or null (all questions)")
+        if isinstance(self.subset_seed, bool) or not isinstance(self.subset_seed, int):
+            _fail(s, "subset_seed", self.subset_seed, "an integer")
+        if self.data_dir is not None:
+            _check_text(s, "data_dir", self.data_dir)
 
 
 @dataclass(frozen=True)
@@ -524,7 +541,8 @@ def replace(config: Any, overrides: dict[str, Any]) -> Any:
 __all__ = [
     "TOY", "EVAL_TASKS", "ConfigError", "ModelConfig", "LensConfig", "DataConfig", "LossConfig", "OptimConfig",
     "ModeConfig", "BatchConfig", "ScalingConfig", "EvalConfig", "AttackConfig", "TrackingConfig",
-    "UnlearnConfig", "ToyWorldConfig", "to_flat", "from_flat", "replace", "RECIPES", "ALL_LINEAR_NEOX", "recipe",
+    "UnlearnConfig", "ToyWorldConfig", "SweepConfig", "to_flat", "from_flat", "replace", "RECIPES",
+    "ALL_LINEAR_NEOX", "recipe",
 ]
 
 
@@ -556,3 +574,83 @@ def recipe(name: str, overrides: dict[str, Any] | None = None) -> UnlearnConfig:
     if name not in RECIPES:
         raise ConfigError(f"recipe={name!r} is invalid: allowed one of {', '.join(RECIPES)}")
     return replace(UnlearnConfig(), {**RECIPES[name], **(overrides or {})})
+
+
+SPACE_KINDS = ("log", "uniform", "int", "choice")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One sweep: a base run, the settings to search and how, the two objectives and a budget."""
+
+    _section: ClassVar[str] = "sweep"
+    name: str
+    """Sweep name: its Tune experiment, Optuna study and run folders; the same name resumes."""
+    base: UnlearnConfig
+    """Every setting a trial does not sample."""
+    space: dict[str, tuple]
+    """Flat key -> ``("log", low, high)`` | ``("uniform", low, high)`` | ``("int", low, high)`` |
+    ``("choice", [values])``; log scale for coefficients and learning rates."""
+    num_trials: int = 12
+    """Trials in the sweep (a resumed sweep counts the ones already run)."""
+    forget_task: str = "toy_wmdp"
+    """Objective 1, minimised: accuracy on this task (``wmdp``)."""
+    retain_task: str = "toy_mmlu"
+    """Objective 2, maximised: accuracy on this task (``mmlu``)."""
+    retain_floor: float = 0.0
+    """A trial whose retain accuracy falls below this is ``collapsed``: recorded, never on the
+    Pareto front (a model answering at chance has the lowest forget accuracy)."""
+    sampler: str = "tpe"
+    """Optuna sampler: ``tpe`` (multi-objective TPE) or ``nsga2``."""
+    seed: int = 0
+    """Seed of the sampler."""
+    evaluate_base_first: bool = True
+    """Run the base config as the first trial: the hand-tuned point the search must beat."""
+    max_concurrent: int | None = None
+    """Trials at once; None: as many as the cluster's CPUs (or GPUs) fit."""
+    storage: str = "raylens-runs"
+    """Root folder (shared storage on a cluster): ``<storage>/<name>/`` holds Tune's experiment,
+    Ray Train checkpoints, trial outputs and (by default) the Optuna study."""
+    study_url: str | None = None
+    """Optuna storage URL (any RDB, e.g. ``postgresql://...``); None: sqlite in the sweep folder."""
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _check_text(s, "name", self.name)
+        if any(c in self.name for c in "/\\ "):
+            _fail(s, "name", self.name, "a name without slashes or spaces")
+        if not isinstance(self.base, UnlearnConfig):
+            _fail(s, "base", type(self.base).__name__, "an UnlearnConfig")
+        keys = set(to_flat(self.base))
+        if not isinstance(self.space, dict) or not self.space:
+            _fail(s, "space", self.space, "a non-empty dict of flat key -> (kind, ...)")
+        for key, spec in self.space.items():
+            if key not in keys:
+                _fail(s, "space", key, "keys of the flat UnlearnConfig, e.g. loss.retain_coef")
+            if not isinstance(spec, tuple) or not spec or spec[0] not in SPACE_KINDS:
+                _fail(s, f"space[{key!r}]", spec, "a tuple starting with one of " + ", ".join(SPACE_KINDS))
+            if spec[0] == "choice":
+                if len(spec) != 2 or not isinstance(spec[1], (list, tuple)) or not spec[1]:
+                    _fail(s, f"space[{key!r}]", spec, "('choice', [value, ...])")
+                continue
+            ok = len(spec) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        for v in spec[1:]) and spec[1] < spec[2]
+            if not ok or (spec[0] == "log" and spec[1] <= 0):
+                _fail(s, f"space[{key!r}]", spec, f"('{spec[0]}', low, high) with "
+                      f"{'0 < ' if spec[0] == 'log' else ''}low < high")
+            for value in spec[1:]:  # both ends must be valid settings
+                replace(self.base, {key: int(value) if spec[0] == "int" else value})
+        for name in ("forget_task", "retain_task"):
+            if getattr(self, name) not in self.base.eval.tasks:
+                _fail(s, name, getattr(self, name), "one of base eval.tasks "
+                      f"{list(self.base.eval.tasks)}")
+        _check_fraction(s, "retain_floor", self.retain_floor)
+        _check_positive(s, "num_trials", self.num_trials, integer=True)
+        _check_choice(s, "sampler", self.sampler, ("tpe", "nsga2"))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            _fail(s, "seed", self.seed, "an integer")
+        if self.max_concurrent is not None:
+            _check_positive(s, "max_concurrent", self.max_concurrent, integer=True)
+        _check_text(s, "storage", self.storage)
+        if self.study_url is not None and "://" not in str(self.study_url):
+            _fail(s, "study_url", self.study_url, "an SQLAlchemy URL such as sqlite:///f.db")

@@ -8,43 +8,85 @@ their datasets in the local Hugging Face cache. Everything is 0-shot.
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from raylens.config import ConfigError
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 TOY_TASKS = ("toy_wmdp", "toy_mmlu")
+SHIPPED_TASKS = TOY_TASKS + ("wmdp_bio_robust",)
 
 
 class EvalError(RuntimeError):
-    """An evaluation produced no usable metric; the message names the task."""
+    """An evaluation produced no usable metric or ran out of time; the message names the task."""
 
 
-def task_manager(tasks: tuple[str, ...], toyworld: Path | None = None):
-    """An lm-eval TaskManager that knows raylens's shipped tasks (and the built-ins if asked for)."""
+def task_manager(tasks: tuple[str, ...], toyworld: Path | None = None,
+                 data_dir: str | None = None, include: tuple[str, ...] = ()):
+    """An lm-eval TaskManager that knows raylens's shipped tasks and any task folders in
+    ``include`` (and indexes the built-ins only if another task is asked for). ``toyworld`` and
+    ``data_dir`` reach the task loaders as metadata."""
     from lm_eval.tasks import TaskManager
 
-    builtins = any(t not in TOY_TASKS for t in tasks)
-    metadata = {"toyworld": str(toyworld)} if toyworld else None
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=builtins, metadata=metadata)
+    builtins = not include and any(t not in SHIPPED_TASKS for t in tasks)
+    metadata = {k: str(v) for k, v in (("toyworld", toyworld), ("data_dir", data_dir)) if v}
+    return TaskManager(include_path=[str(TASKS_DIR), *map(str, include)],
+                       include_defaults=builtins, metadata=metadata or None)
+
+
+class Deadline:
+    """Raises ``EvalError`` naming the tasks once ``limit_s`` has passed; checked per batch."""
+
+    def __init__(self, tasks, limit_s: float | None):
+        self.tasks, self.limit_s = list(tasks), limit_s
+        self.start = time.monotonic()
+
+    def check(self, done: str = "") -> None:
+        if self.limit_s is not None and time.monotonic() - self.start > self.limit_s:
+            raise EvalError(f"evaluation of tasks {self.tasks} exceeded its time limit of "
+                            f"{self.limit_s:g} s (eval.time_limit_s){done}")
 
 
 def run_lm_eval(lm, tasks: tuple[str, ...], *, toyworld: Path | None = None,
-                limit: int | None = None) -> dict[str, dict]:
+                limit: int | None = None, data_dir: str | None = None,
+                time_limit_s: float | None = None) -> dict[str, dict]:
     """Score ``lm`` (an lm-eval ``LM``) on ``tasks``, 0-shot; ``{task: {"acc", "acc_stderr", "n"}}``.
 
-    Global RNG state is left alone (lm-eval would reseed it) so evaluation inside training does
-    not change the training run.
-    """
+    Global RNG states are restored afterwards (lm-eval reseeds and draws from them) and the model is scored in eval mode
+    (restored afterwards), so evaluation inside training does not change the training run.
+    ``time_limit_s`` is checked before every model call."""
     from lm_eval import simple_evaluate
 
+    import random
+
+    import numpy as np
+
+    deadline = Deadline(tasks, time_limit_s)
+    # lm-eval reseeds or draws from the global RNGs (task building samples from ``random``)
+    rng_states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    # HFLM sets eval mode only when built; a training loop may have switched dropout back on
+    module = getattr(lm, "model", None)
+    was_training = bool(getattr(module, "training", False))
+    if was_training:
+        module.eval()
+    model_call = getattr(lm, "_model_call", None)
+    if model_call is not None:
+        def timed_call(*args, **kwargs):
+            deadline.check()
+            return model_call(*args, **kwargs)
+
+        lm._model_call = timed_call
     try:
         out = simple_evaluate(
             model=lm,
             tasks=list(tasks),
             num_fewshot=0,
             limit=limit,
-            task_manager=task_manager(tasks, toyworld),
+            task_manager=task_manager(tasks, toyworld, data_dir),
             random_seed=None,
             numpy_random_seed=None,
             torch_random_seed=None,
@@ -52,10 +94,20 @@ def run_lm_eval(lm, tasks: tuple[str, ...], *, toyworld: Path | None = None,
             log_samples=False,
             bootstrap_iters=1000,
         )
+    except EvalError:
+        raise
     except Exception as exc:  # dataset offline/missing, bad task file: name the tasks, keep cause
         raise EvalError(
             f"lm-eval failed on tasks {list(tasks)}: {type(exc).__name__}: {str(exc)[:500]}"
         ) from exc
+    finally:
+        if model_call is not None:
+            lm._model_call = model_call
+        if was_training:
+            module.train()
+        random.setstate(rng_states[0])
+        np.random.set_state(rng_states[1])
+        torch.set_rng_state(rng_states[2])
     return _collect(out, tasks)
 
 
@@ -82,7 +134,8 @@ def hf_lm(model, tokenizer, batch_size: int = 32):
 
 
 def evaluate_folder(folder: Path, tasks: tuple[str, ...], *, toyworld: Path | None = None,
-                    batch_size: int = 32, limit: int | None = None) -> dict[str, dict]:
+                    batch_size: int = 32, limit: int | None = None, data_dir: str | None = None,
+                    time_limit_s: float | None = None) -> dict[str, dict]:
     """Load a Hugging Face model folder and score it with lm-eval."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,4 +144,265 @@ def evaluate_folder(folder: Path, tasks: tuple[str, ...], *, toyworld: Path | No
         raise ConfigError(f"model folder {str(folder)!r} has no config.json: not a saved model")
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return run_lm_eval(hf_lm(model, tokenizer, batch_size), tasks, toyworld=toyworld, limit=limit)
+    return run_lm_eval(hf_lm(model, tokenizer, batch_size), tasks, toyworld=toyworld, limit=limit,
+                       data_dir=data_dir, time_limit_s=time_limit_s)
+
+
+# --- the fast in-loop scorer -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    """One multiple-choice question as lm-eval tokenizes it: the context's token ids, each
+    choice's continuation ids (``context_enc`` and ``whole[len(context_enc):]``, lm-eval's
+    ``_encode_pair``), and the index of the right choice."""
+
+    task: str
+    subtask: str
+    doc_id: int
+    context: tuple[int, ...]
+    choices: tuple[tuple[int, ...], ...]
+    gold: int
+
+
+def _leaf_tasks(task_dict) -> dict:
+    """``{name: Task}`` of lm-eval's (possibly nested, for groups) task dict."""
+    leaves = {}
+    for key, value in task_dict.items():
+        if isinstance(value, dict):
+            leaves.update(_leaf_tasks(value))
+        else:
+            leaves[getattr(key, "group_name", key) if not isinstance(key, str) else key] = value
+    return leaves
+
+
+def subset_indices(num_docs: int, fraction: float | None, seed: int, strata=None) -> list[int]:
+    """A fixed, seeded subset of ``round(fraction * num_docs)`` documents, stratified by
+    ``strata`` (one label per document: the same fraction of each label); all when ``fraction``
+    is None."""
+    if fraction is None or fraction >= 1:
+        return list(range(num_docs))
+    strata = strata if strata is not None else [0] * num_docs
+    groups: dict = {}
+    for index, label in enumerate(strata):
+        groups.setdefault(label, []).append(index)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in sorted(groups, key=str):
+        members = groups[label]
+        keep = max(1, round(fraction * len(members)))
+        order = torch.randperm(len(members), generator=generator)[:keep].tolist()
+        chosen.extend(members[i] for i in order)
+    return sorted(chosen)
+
+
+def load_questions(tasks: tuple[str, ...], tokenizer, *, toyworld: Path | None = None,
+                   data_dir: str | None = None, subset: float | None = None, seed: int = 0,
+                   max_length: int | None = None,
+                   include: tuple[str, ...] = ()) -> dict[str, list[Question]]:
+    """The questions of ``tasks`` (a group counts as one task over all its subtasks), with the
+    prompts lm-eval renders (0-shot) and the token ids lm-eval's ``HFLM`` would score.
+
+    ``subset``: score a seeded subset of this fraction of each task (stratified by subtask), for
+    search; None scores everything. Prompts longer than ``max_length`` are refused (lm-eval
+    would silently cut their left end)."""
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        task_dict = get_task_dict(list(tasks), task_manager(tasks, toyworld, data_dir, include))
+    except Exception as exc:
+        raise EvalError(f"lm-eval could not load tasks {list(tasks)}: {type(exc).__name__}: "
+                        f"{str(exc)[:500]}") from exc
+    questions: dict[str, list[Question]] = {}
+    for name in tasks:
+        entry = {k: v for k, v in task_dict.items()
+                 if (k if isinstance(k, str) else getattr(k, "group_name", str(k))) == name}
+        leaves = _leaf_tasks(entry)
+        if not leaves:
+            raise EvalError(f"task {name!r}: lm-eval returned no task of that name")
+        docs = [(leaf, task, i) for leaf, task in sorted(leaves.items())
+                for i in range(len(task.eval_docs))]
+        keep = subset_indices(len(docs), subset, seed, [leaf for leaf, _, _ in docs])
+        per_leaf: dict = {}
+        for j in keep:
+            per_leaf.setdefault(docs[j][0], []).append(docs[j][2])
+        out = []
+        for leaf, doc_ids in per_leaf.items():
+            task = leaves[leaf]
+            if task.OUTPUT_TYPE != "multiple_choice":
+                raise EvalError(f"task {leaf!r} is {task.OUTPUT_TYPE}, not multiple_choice")
+            task.build_all_requests(samples=doc_ids, rank=0, world_size=1)
+            grouped: dict = {}
+            for inst in task.instances:
+                grouped.setdefault(inst.doc_id, []).append(inst)
+            for doc_id, insts in sorted(grouped.items()):
+                insts.sort(key=lambda inst: inst.idx)
+                out.append(_encode_question(name, leaf, doc_id, insts, task, tokenizer,
+                                            max_length))
+        questions[name] = out
+    return questions
+
+
+def _encode_question(name, leaf, doc_id, instances, task, tokenizer, max_length) -> Question:
+    """lm-eval's ``HFLM._encode_pair`` for every choice of one document."""
+    contexts = {inst.arguments[0] for inst in instances}
+    if len(contexts) != 1:
+        raise EvalError(f"task {leaf!r} doc {doc_id}: choices have different contexts")
+    context = contexts.pop()
+    choices = []
+    for inst in instances:
+        ctx, cont = context, inst.arguments[1]
+        spaces = len(ctx) - len(ctx.rstrip())
+        if spaces:
+            ctx, cont = ctx[:-spaces], ctx[-spaces:] + cont
+        whole = tokenizer(ctx + cont, add_special_tokens=False)["input_ids"]
+        ctx_enc = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        if not ctx_enc:
+            raise EvalError(f"task {leaf!r} doc {doc_id}: empty context is not supported")
+        cont_enc = whole[len(ctx_enc):]
+        if not cont_enc:
+            raise EvalError(f"task {leaf!r} doc {doc_id}: choice {inst.idx} tokenizes to nothing "
+                            f"after the context ({cont!r})")
+        choices.append((tuple(ctx_enc), tuple(cont_enc)))
+    if len({c for c, _ in choices}) != 1:
+        raise EvalError(f"task {leaf!r} doc {doc_id}: the context tokenizes differently per choice")
+    ctx_enc = choices[0][0]
+    longest = len(ctx_enc) + max(len(c) for _, c in choices) - 1
+    if max_length is not None and longest > max_length:
+        raise EvalError(f"task {leaf!r} doc {doc_id}: {longest} tokens exceed the model's "
+                        f"{max_length}; lm-eval would truncate the prompt")
+    gold = task.doc_to_target(instances[0].doc)
+    if isinstance(gold, str):
+        gold = task.doc_to_choice(instances[0].doc).index(gold)
+    return Question(name, leaf, doc_id, ctx_enc, tuple(c for _, c in choices), int(gold))
+
+
+def _pack(question: Question) -> tuple[list[int], list[int], list[list[int]]]:
+    """One sequence per question: the context, then each choice without its last token.
+    Returns ``(tokens, positions, score_at)``: ``score_at[j]`` are the sequence indices whose
+    next-token logits score choice ``j``'s tokens."""
+    ctx = list(question.context)
+    tokens, positions = list(ctx), list(range(len(ctx)))
+    score_at = []
+    for choice in question.choices:
+        start = len(tokens)
+        inner = list(choice[:-1])
+        tokens += inner
+        positions += list(range(len(ctx), len(ctx) + len(inner)))
+        score_at.append([len(ctx) - 1] + list(range(start, start + len(inner))))
+    return tokens, positions, score_at
+
+
+def _allowed(question: Question, length: int) -> torch.Tensor:
+    """Which positions each position of one packed question may attend to, padded to
+    ``length``: the context is causal, each choice sees the context and its own earlier tokens,
+    padding sees itself (a row with nothing allowed would give NaN)."""
+    n = len(question.context)
+    allowed = torch.zeros(length, length, dtype=torch.bool)
+    allowed[:n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+    start = n
+    for choice in question.choices:
+        m = len(choice) - 1
+        allowed[start:start + m, :n] = True
+        allowed[start:start + m, start:start + m] = torch.ones(m, m, dtype=torch.bool).tril()
+        start += m
+    idx = torch.arange(start, length)
+    allowed[idx, idx] = True
+    return allowed
+
+
+def _backbone(model):
+    """``(root module to unshard or None, causal LM, body, unembedding)`` of a plain, PEFT or
+    FSDP2-sharded Hugging Face causal LM."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(hf, hf.base_model_prefix)
+    from torch.distributed.fsdp import FSDPModule
+
+    root = hf if isinstance(hf, FSDPModule) else None
+    return root, body, hf.get_output_embeddings()
+
+
+@torch.no_grad()
+def choice_logliks(model, questions: list[Question], *, batch_size: int = 32,
+                   device=None, deadline: Deadline | None = None) -> list[list[float]]:
+    """Each choice's summed log-likelihood given its context, as lm-eval computes it, with one
+    forward pass per question: choices are packed after their shared context (a block mask keeps
+    them apart) and the unembedding runs only at the positions that score a choice token.
+    Questions are batched by length (longest first) and results come back in input order."""
+    root, body, unembed = _backbone(model)
+    device = device or next(unembed.parameters()).device
+    packed = [_pack(q) for q in questions]
+    order = sorted(range(len(questions)), key=lambda i: -len(packed[i][0]))
+    results: list[list[float] | None] = [None] * len(questions)
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, len(order), batch_size):
+            if deadline is not None:
+                deadline.check(f" after {b} of {len(order)} questions")
+            rows = order[b:b + batch_size]
+            results_rows = _score_batch(body, unembed, root, [questions[i] for i in rows],
+                                        [packed[i] for i in rows], device)
+            for i, lls in zip(rows, results_rows):
+                results[i] = lls
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _score_batch(body, unembed, root, questions, packed, device) -> list[list[float]]:
+    length = max(len(tokens) for tokens, _, _ in packed)
+    ids = torch.zeros(len(packed), length, dtype=torch.long)
+    pos = torch.zeros(len(packed), length, dtype=torch.long)
+    for r, (tokens, positions, _) in enumerate(packed):
+        ids[r, :len(tokens)] = torch.tensor(tokens)
+        pos[r, :len(positions)] = torch.tensor(positions)
+    mask = torch.stack([_allowed(q, length) for q in questions])[:, None]
+    if getattr(body.config, "_attn_implementation", "sdpa") == "eager":  # additive float mask
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    if root is not None:
+        root.unshard()  # FSDP2: the embeddings, final norm and unembedding live on the root
+    try:
+        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device),
+                      position_ids=pos.to(device)).last_hidden_state
+        rows, cols, targets, owners = [], [], [], []
+        for r, (q, (_, _, score_at)) in enumerate(zip(questions, packed)):
+            for j, (choice, at) in enumerate(zip(q.choices, score_at)):
+                rows += [r] * len(at)
+                cols += at
+                targets += list(choice)
+                owners += [(r, j)] * len(at)
+        logits = unembed(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
+    finally:
+        if root is not None:
+            root.reshard()
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)].tolist()
+    sums = [[0.0] * len(q.choices) for q in questions]
+    for (r, j), value in zip(owners, picked):
+        sums[r][j] += value
+    return sums
+
+
+def predictions(logliks: list[list[float]]) -> list[int]:
+    """lm-eval's choice: the first index of the largest log-likelihood."""
+    return [max(range(len(lls)), key=lambda j: (lls[j], -j)) for lls in logliks]
+
+
+def shard(questions: list[Question], rank: int, world: int) -> list[int]:
+    """Indices of the questions rank ``rank`` of ``world`` scores: dealt round-robin by packed
+    length (balanced work), padded by repeating the last one so every rank runs the same number
+    of batches (FSDP2 forwards are collective)."""
+    by_length = sorted(range(len(questions)), key=lambda i: len(_pack(questions[i])[0]))
+    mine = by_length[rank::world]
+    per_rank = -(-len(questions) // world)
+    return mine + [mine[-1] if mine else by_length[0]] * (per_rank - len(mine))
+
+
+def accuracy(questions: list[Question], logliks: list[list[float]]) -> dict:
+    """``{"acc", "acc_stderr", "n"}`` as lm-eval reports a mean (sample stderr over ``n``)."""
+    hits = [float(p == q.gold) for p, q in zip(predictions(logliks), questions)]
+    n = len(hits)
+    acc = sum(hits) / n
+    var = sum((h - acc) ** 2 for h in hits) / (n - 1) if n > 1 else 0.0
+    return {"acc": acc, "acc_stderr": math.sqrt(var / n), "n": n}

@@ -44,20 +44,32 @@ def load_model_config(config: ModelConfig, toyworld: Path | None = None):
         raise _not_found(config, exc) from exc
 
 
-def load_model(config: ModelConfig, toyworld: Path | None = None):
-    """``(model, tokenizer)``; the tokenizer pads on the right with EOS when it has no pad token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(config: ModelConfig, toyworld: Path | None = None):
+    """The model's tokenizer, padding on the right with EOS when it has no pad token."""
+    from transformers import AutoTokenizer
 
-    path = resolve_model_path(config, toyworld)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
-        model = AutoModelForCausalLM.from_pretrained(path, revision=config.revision,
-                                                     dtype=DTYPES[config.dtype])
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config, toyworld),
+                                                  revision=config.revision)
     except OSError as exc:
         raise _not_found(config, exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(config: ModelConfig, toyworld: Path | None = None):
+    """``(model, tokenizer)``; see ``load_tokenizer``."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(config, toyworld)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config, toyworld),
+                                                     revision=config.revision,
+                                                     dtype=DTYPES[config.dtype])
+    except OSError as exc:
+        raise _not_found(config, exc) from exc
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -388,6 +388,36 @@ def build(config: ToyWorldConfig, root: Path, *, log=print) -> ToyWorld:
     return world
 
 
+WMDP_BIO_ROBUST_CATEGORIES = (
+    "bioweapons_and_bioterrorism", "dual_use_virology", "enhanced_potential_pandemic_pathogens",
+    "expanding_access_to_threat_vectors", "reverse_genetics_and_easy_editing",
+    "viral_vector_research",
+)
+
+
+def write_robust_snapshot(world: ToyWorld, data_dir: Path) -> dict[str, list[dict]]:
+    """A local snapshot laid out like ``EleutherAI/wmdp_bio_robust_mcqa`` under ``data_dir``
+    (one dataset config per category, split ``robust``, columns question/choices/answer), filled
+    with the toy hazard questions dealt over the six categories (questions padded with
+    whitespace, which the task template strips). Lets the shipped ``wmdp_bio_robust`` tasks run
+    offline with ``eval.data_dir``; returns the rows per category."""
+    import datasets
+
+    rows = read_jsonl(world.eval_set("toy_wmdp"))
+    repo = Path(data_dir) / "EleutherAI" / "wmdp_bio_robust_mcqa"
+    readme = ["---", "configs:"]
+    parts = {}
+    for k, category in enumerate(WMDP_BIO_ROBUST_CATEGORIES):
+        parts[category] = [{**r, "question": f" {r['question']}\n"} for r in rows[k::6]]
+        (repo / category).mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_list(parts[category]).to_parquet(
+            str(repo / category / "robust-00000-of-00001.parquet"))
+        readme += [f"- config_name: {category}", "  data_files:", "  - split: robust",
+                   f"    path: {category}/robust-*.parquet"]
+    (repo / "README.md").write_text("\n".join(readme + ["---", ""]))
+    return parts
+
+
 def baseline_table(world: ToyWorld) -> str:
     """The baseline accuracies as a markdown table (chance is 0.25)."""
     base = world.baseline

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from raylens.config import TOY, ConfigError, UnlearnConfig, from_flat, to_flat
+from raylens.config import TOY, ConfigError, EvalConfig, UnlearnConfig, from_flat, to_flat
 from raylens.data import load_paired, load_texts
+from raylens.evaluate import Deadline, EvalError, accuracy, choice_logliks, load_questions, predictions, shard
 from raylens.lens import load_lens
 from raylens.losses import (
     batch_targets, example_targets, forget_token_loss, loss_weights, retain_kl_token_loss,
@@ -27,7 +28,7 @@ from raylens.losses import (
 )
 from raylens.model import (
     Reference, apply_lora, export, gather_full_state_dict, load_model, load_model_config,
-    resolve_target_layers, shard_fsdp2,
+    load_tokenizer, resolve_target_layers, shard_fsdp2,
 )
 from raylens.optim import build_optimizers, build_schedulers
 
@@ -56,10 +57,40 @@ def _lens_source(config: UnlearnConfig, toyworld: Path | None) -> str:
 def validate(config: UnlearnConfig, toyworld: Path | None = None) -> tuple[int, ...]:
     """Check what needs the model's shape and the corpora, without loading weights; returns the
     target layers. Raises ``ConfigError`` naming the field, so a run fails before any compute."""
-    num_layers = load_model_config(config.model, toyworld).num_hidden_layers
-    layers = resolve_target_layers(config.loss.target_layers, num_layers)
+    model_config = load_model_config(config.model, toyworld)
+    layers = resolve_target_layers(config.loss.target_layers, model_config.num_hidden_layers)
     load_texts(config.data, toyworld)
+    _eval_questions(config.eval, load_tokenizer(config.model, toyworld), toyworld, model_config)
     return layers
+
+
+def _eval_questions(ev: EvalConfig, tokenizer, toyworld: Path | None, model_config):
+    return load_questions(ev.tasks, tokenizer, toyworld=toyworld, data_dir=ev.data_dir,
+                          subset=ev.subset, seed=ev.subset_seed,
+                          max_length=getattr(model_config, "max_position_embeddings", None))
+
+
+def evaluate_live(model, tokenizer, ev: EvalConfig,
+                  toyworld: Path | None = None) -> dict[str, dict]:
+    """Score the live model (plain, LoRA or FSDP2-sharded) with the fast scorer, inside the run:
+    each rank scores its share of the questions and the log-likelihoods are gathered, so every
+    rank returns the same ``{task: {"acc", "acc_stderr", "n", "subset", "predictions"}}``."""
+    rank, world = _rank_and_world()
+    questions = _eval_questions(ev, tokenizer, toyworld, model.config)
+    deadline = Deadline(ev.tasks, ev.time_limit_s)
+    results = {}
+    for task, qs in questions.items():
+        mine = shard(qs, rank, world)
+        logliks = choice_logliks(model, [qs[i] for i in mine], batch_size=ev.batch_size,
+                                 deadline=deadline)
+        if world > 1:
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, list(zip(mine, logliks)))
+            merged = dict(pair for part in parts for pair in part)
+            logliks = [merged[i] for i in range(len(qs))]
+        results[task] = {**accuracy(qs, logliks), "subset": ev.subset,
+                         "predictions": predictions(logliks)}
+    return results
 
 
 def prepare(config: UnlearnConfig, toyworld: Path | None = None):
@@ -442,6 +473,12 @@ def _ray_worker(loop_config: dict) -> None:
     rank, world = _rank_and_world()
     result = train(config, toyworld=toyworld, log=print if rank == 0 else (lambda *_: None),
                    checkpoints=RayCheckpoints())
+    scores, eval_error = None, None
+    if loop_config.get("evaluate"):
+        try:  # on the live (sharded) model: no export/reload round trip
+            scores = evaluate_live(result.model, result.tokenizer, config.eval, toyworld)
+        except EvalError as exc:  # the trained model is still exported; the reason is recorded
+            eval_error = str(exc)
     memory = [None] * world
     torch.distributed.all_gather_object(memory, {
         "resident_mb": result.resident_bytes / 2**20,
@@ -461,7 +498,8 @@ def _ray_worker(loop_config: dict) -> None:
         if len(set(digests)) != 1:
             raise RuntimeError(f"ranks diverged after training: parameter digests {digests}")
     report = {**result.history[-1], "num_steps": len(result.history), "rank_digests": digests,
-              "resumed_from": result.resumed_from, "memory_per_rank": memory}
+              "resumed_from": result.resumed_from, "memory_per_rank": memory,
+              "eval": scores, "eval_error": eval_error}
     if rank == 0:
         out = Path(loop_config["out"])
         save_run(result, config, out)
@@ -470,11 +508,13 @@ def _ray_worker(loop_config: dict) -> None:
 
 
 def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
-               toyworld: Path | None = None, name: str = "unlearn") -> dict:
+               toyworld: Path | None = None, name: str = "unlearn",
+               evaluate: bool = True) -> dict:
     """Run ``train`` as ``scaling.num_workers`` Ray Train workers (gloo on CPU, NCCL on GPUs);
     rank 0 exports to ``out`` with ``history.jsonl`` and ``train_report.json`` (the last step's
-    metrics, every rank's parameter digest and memory, the step it resumed from), which this
-    returns. Checkpoints go to ``storage_path/name``: a failed worker group is restarted from the
+    metrics, every rank's parameter digest and memory, the step it resumed from, and with
+    ``evaluate`` the fast scorer's results on the live model or the error that stopped it),
+    which this returns. Checkpoints go to ``storage_path/name``: a failed worker group is restarted from the
     last one up to ``scaling.max_failures`` times, and a new call with the same ``name`` and
     ``storage_path`` continues an interrupted run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -484,7 +524,7 @@ def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
     use_gpu = config.scaling.use_gpu
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": to_flat(config), "out": str(out),
+        train_loop_config={"config": to_flat(config), "out": str(out), "evaluate": evaluate,
                            "toyworld": str(toyworld) if toyworld else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=RayScalingConfig(num_workers=config.scaling.num_workers, use_gpu=use_gpu),

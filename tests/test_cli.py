@@ -144,3 +144,14 @@ def test_out_folder_rules_for_new_and_resumed_runs(tmp_path):
     out = raylens("unlearn", "--recipe", "lora_adamw", "--out", str(tmp_path / "run"),
                   "--resume", cwd=tmp_path)
     assert out.returncode == 2 and "holds a finished run" in out.stderr
+
+
+def test_eval_fast_scorer_matches_lm_eval_from_the_command_line(world, tmp_path):
+    fast = raylens("eval", "--model", "toy-control", "--scorer", "fast", "--json", cwd=tmp_path)
+    slow = raylens("eval", "--model", "toy-control", "--json", cwd=tmp_path)
+    assert fast.returncode == 0 and slow.returncode == 0, fast.stderr[-2000:] + slow.stderr[-2000:]
+    fast, slow = json.loads(fast.stdout), json.loads(slow.stdout)
+    for task in ("toy_wmdp", "toy_mmlu"):
+        assert fast[task]["acc"] == slow[task]["acc"] == world.baseline["control"][task]
+    out = raylens("eval", "--model", "toy", "--subset", "0.5", cwd=tmp_path)
+    assert out.returncode == 2 and "--subset=0.5 is invalid with --scorer lm-eval" in out.stderr

@@ -134,7 +134,8 @@ def uninterrupted(world, ray_local, tmp_path_factory):
     report = fit_on_ray(recipe("sft_adamw", KILL_OVERRIDES), out=storage / "out",
                         storage_path=storage, toyworld=world.root, name="whole")
     assert report["resumed_from"] == 0 and report["num_steps"] == 12
-    return load_file(storage / "out" / "model" / "model.safetensors")
+    return {"weights": load_file(storage / "out" / "model" / "model.safetensors"),
+            "report": report, "folder": storage / "out" / "model"}
 
 
 def _assert_same_weights(folder, expected):
@@ -159,7 +160,7 @@ def test_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(
     history = [json.loads(line) for line in
                (tmp_path / "killed-out" / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history] == list(range(1, 13))
-    _assert_same_weights(tmp_path / "killed-out", uninterrupted)
+    _assert_same_weights(tmp_path / "killed-out", uninterrupted["weights"])
 
 
 def test_failed_run_resumes_when_started_again_with_its_name(world, ray_local, uninterrupted,
@@ -175,4 +176,30 @@ def test_failed_run_resumes_when_started_again_with_its_name(world, ray_local, u
                         toyworld=world.root, name="again")
     print(f"rerun resumed from step {report['resumed_from']}")
     assert report["resumed_from"] in (3, 6, 9) and report["num_steps"] == 12
-    _assert_same_weights(tmp_path / "again-out", uninterrupted)
+    _assert_same_weights(tmp_path / "again-out", uninterrupted["weights"])
+
+
+def test_in_trial_eval_of_sharded_model_equals_lm_eval_of_the_export(world, uninterrupted):
+    """The fast scorer on the live FSDP2-sharded model (questions split over both ranks) gives
+    lm-eval's accuracy and per-question predictions on the exported folder, in one process."""
+    from lm_eval import simple_evaluate
+
+    from raylens.evaluate import hf_lm, task_manager
+    from raylens.model import load_model
+    from raylens.config import ModelConfig
+
+    live = uninterrupted["report"]["eval"]
+    assert uninterrupted["report"]["eval_error"] is None and set(live) == {"toy_wmdp", "toy_mmlu"}
+    model, tokenizer = load_model(ModelConfig(name_or_path=str(uninterrupted["folder"])))
+    out = simple_evaluate(model=hf_lm(model, tokenizer), tasks=list(live), num_fewshot=0,
+                          task_manager=task_manager(tuple(live), world.root), log_samples=True,
+                          random_seed=None, numpy_random_seed=None, torch_random_seed=None,
+                          fewshot_random_seed=None)
+    for task, scores in live.items():
+        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+        expected = [max(range(4), key=lambda j: (s["filtered_resps"][j][0], -j)) for s in samples]
+        print(f"{task}: in-trial acc {scores['acc']:.4f}, lm-eval on export "
+              f"{out['results'][task]['acc,none']:.4f}")
+        assert scores["n"] == len(samples) == 192
+        assert scores["predictions"] == expected
+        assert scores["acc"] == out["results"][task]["acc,none"]

@@ -1,0 +1,191 @@
+"""The fast multiple-choice scorer against lm-eval, question by question, in both prompt formats;
+the shipped wmdp_bio_robust YAMLs render the seed's prompts from a local snapshot offline."""
+
+import json
+
+import pytest
+import torch
+
+from raylens import toyworld as tw
+from raylens.evaluate import (
+    EvalError, _leaf_tasks, accuracy, choice_logliks, hf_lm, load_questions, predictions, shard,
+    subset_indices, task_manager,
+)
+
+CATEGORIES = tw.WMDP_BIO_ROBUST_CATEGORIES
+# The seed's definition (method notes): description, then question and lettered choices.
+SEED_PROMPT = ("The following are multiple choice questions (with answers) about biology.\n\n"
+               "{question}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:")
+
+
+@pytest.fixture(scope="module")
+def robust_snapshot(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("snapshots")
+    return root, tw.write_robust_snapshot(world, root)
+
+
+@pytest.fixture(scope="module")
+def phrase_task(world, tmp_path_factory):
+    """An answer-text task whose choices are 1-3 word phrases (several tokens, unequal lengths),
+    as a plain lm-eval YAML over a JSONL file."""
+    folder = tmp_path_factory.mktemp("phrases")
+    rows = tw.read_jsonl(world.eval_set("toy_mmlu"))[:96]
+    with open(folder / "phrases.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            c = r["choices"]
+            choices = [" ".join(c[j:j + 1 + (i + j) % 3]) for j in range(4)]
+            f.write(json.dumps({"question": r["question"], "choices": choices,
+                                "answer": r["answer"]}) + "\n")
+    (folder / "toy_phrases.yaml").write_text(f"""task: toy_phrases
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'phrases.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(world):
+    """The toy world's main model and a random-weight GPT-NeoX shaped like Pythia-70M (512 wide,
+    6 layers, 8 heads, 50,304-token unembedding), both with the toy tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(world.model)
+    toy = AutoModelForCausalLM.from_pretrained(world.model).eval()
+    torch.manual_seed(0)
+    shape = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6,
+                          num_attention_heads=8, intermediate_size=2048, rotary_pct=0.25,
+                          max_position_embeddings=2048, bos_token_id=tokenizer.eos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    random70m = GPTNeoXForCausalLM(shape).eval()
+    return {"toy": toy, "random70m": random70m}, tokenizer
+
+
+def _lm_eval_logliks(model, tokenizer, tasks, manager) -> dict:
+    """``{(subtask, doc_id): [loglik per choice]}`` from lm-eval's logged samples."""
+    from lm_eval import simple_evaluate
+
+    out = simple_evaluate(model=hf_lm(model, tokenizer, 32), tasks=list(tasks), num_fewshot=0,
+                          task_manager=manager, log_samples=True, random_seed=None,
+                          numpy_random_seed=None, torch_random_seed=None,
+                          fewshot_random_seed=None)
+    return {(subtask, s["doc_id"]): [r[0] for r in s["filtered_resps"]]
+            for subtask, samples in out["samples"].items() for s in samples}
+
+
+@pytest.mark.parametrize("name", ["toy", "random70m"])
+def test_fast_scorer_matches_lm_eval_on_every_question(name, models, world, robust_snapshot,
+                                                       phrase_task):
+    all_models, tokenizer = models
+    model = all_models[name]
+    data_dir = robust_snapshot[0]
+    tasks = ("toy_wmdp", "toy_mmlu", "wmdp_bio_robust", "toy_phrases")
+    manager = task_manager(tasks, world.root, str(data_dir), include=(str(phrase_task),))
+    reference = _lm_eval_logliks(model, tokenizer, tasks, manager)
+    questions = load_questions(tasks, tokenizer, toyworld=world.root, data_dir=str(data_dir),
+                               include=(str(phrase_task),))
+    assert {t: len(q) for t, q in questions.items()} == {
+        "toy_wmdp": 192, "toy_mmlu": 192, "wmdp_bio_robust": 192, "toy_phrases": 96}
+    multi = sum(any(len(c) > 1 for c in q.choices) for q in questions["toy_phrases"])
+    assert multi > 60  # the packed path is exercised
+    for task, qs in questions.items():
+        logliks = choice_logliks(model, qs, batch_size=16)
+        expected = [reference[(q.subtask, q.doc_id)] for q in qs]
+        assert predictions(logliks) == predictions(expected), task
+        for got, want in zip(logliks, expected):
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-4), task
+
+
+def test_wmdp_bio_robust_yamls_render_the_seeds_prompts_offline(robust_snapshot):
+    from lm_eval.tasks import get_task_dict
+
+    data_dir, parts = robust_snapshot
+    leaves = _leaf_tasks(get_task_dict(["wmdp_bio_robust"],
+                                       task_manager(("wmdp_bio_robust",), None, str(data_dir))))
+    assert sorted(leaves) == sorted(f"wmdp_bio_robust_{c}" for c in CATEGORIES)
+    rendered = 0
+    for category in CATEGORIES:
+        task = leaves[f"wmdp_bio_robust_{category}"]
+        task.build_all_requests(rank=0, world_size=1)
+        assert len(task.instances) == 4 * len(parts[category])
+        for inst in task.instances:
+            row = parts[category][inst.doc_id]
+            a, b, c, d = row["choices"]
+            expected = SEED_PROMPT.format(question=row["question"].strip(), a=a, b=b, c=c, d=d)
+            assert inst.arguments == (expected, " " + "ABCD"[inst.idx])
+            rendered += 1
+    assert rendered == 4 * 192
+
+
+def test_missing_snapshot_is_an_error_naming_the_task(tmp_path, models):
+    _, tokenizer = models
+    with pytest.raises(EvalError, match="wmdp_bio_robust"):
+        load_questions(("wmdp_bio_robust",), tokenizer, data_dir=str(tmp_path))
+
+
+def test_subset_is_seeded_stratified_and_shards_cover_every_question(models, world):
+    _, tokenizer = models
+    strata = ["a"] * 60 + ["b"] * 30 + ["c"] * 10
+    first = subset_indices(100, 0.2, seed=3, strata=strata)
+    assert first == subset_indices(100, 0.2, seed=3, strata=strata)
+    assert first != subset_indices(100, 0.2, seed=4, strata=strata)
+    assert [sum(strata[i] == s for i in first) for s in "abc"] == [12, 6, 2]
+    qs = load_questions(("toy_wmdp",), tokenizer, toyworld=world.root, subset=0.25)["toy_wmdp"]
+    assert len(qs) == 48
+    indices = [shard(qs, rank, 3) for rank in range(3)]
+    assert len({len(i) for i in indices}) == 1
+    assert set().union(*map(set, indices)) == set(range(48))
+
+
+def test_time_limit_is_an_error_naming_the_task(models, world):
+    from raylens.evaluate import Deadline
+
+    all_models, tokenizer = models
+    qs = load_questions(("toy_wmdp",), tokenizer, toyworld=world.root)["toy_wmdp"]
+    with pytest.raises(EvalError, match=r"toy_wmdp.*time limit of 1e-09 s"):
+        choice_logliks(all_models["toy"], qs, deadline=Deadline(["toy_wmdp"], 1e-9))
+    logliks = choice_logliks(all_models["toy"], qs)
+    assert accuracy(qs, logliks)["acc"] == world.baseline["main"]["toy_wmdp"]
+
+
+def test_in_loop_lm_eval_keeps_rng_and_scores_in_eval_mode(models, world):
+    """lm-eval would reseed Python/numpy/torch RNGs (changing the training run) and HFLM sets eval
+    mode only once: run_lm_eval leaves every RNG untouched and a model put back in train mode
+    (dropout on) is still scored deterministically."""
+    import random
+
+    import numpy as np
+
+    from raylens.evaluate import run_lm_eval
+
+    all_models, tokenizer = models
+    model = all_models["toy"]
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts
+    for m in dropouts:
+        m.p = 0.5
+    lm = hf_lm(model, tokenizer)
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    model.train()  # as a training loop leaves it between evaluations
+    first = run_lm_eval(lm, ("toy_wmdp",), toyworld=world.root, limit=32)
+    again = hf_lm(model, tokenizer)  # sets eval mode once, at construction
+    model.train()
+    second = run_lm_eval(again, ("toy_wmdp",), toyworld=world.root, limit=32)
+    assert model.training  # run_lm_eval restores the mode it found
+    for m in dropouts:
+        m.p = 0.0
+    model.eval()
+    assert first == second
+    assert random.getstate() == states[0]
+    assert (np.random.get_state()[1] == states[1]).all()
+    assert torch.equal(torch.get_rng_state(), states[2])
