@@ -1,7 +1,7 @@
 """The ``raylens`` command.
 
-    raylens demo                      the main job on the embedded default (for now: the toy
-                                      world's baseline table, then one LoRA unlearning run)
+    raylens demo [--name N]           the main job: the toy world's baseline, then a sweep (Ray
+                                      Tune + Optuna over Ray Train trials) and its Pareto front
     raylens toyworld build [--seed N] build (or load from cache) a toy world, print where and what
     raylens eval --model M [--tasks ...] [--scorer fast [--subset F]]
                                       score a model folder (or ``toy`` / ``toy-control``) with
@@ -48,15 +48,32 @@ def cmd_toyworld_build(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job: the toy world's baseline, then one LoRA unlearning run with before/after."""
+    """The main job: the toy world's baseline, then a sweep (Ray Tune + Optuna, each trial a Ray
+    Train run with in-trial evaluation) and its Pareto front."""
+    import ray
+
+    from raylens import toyworld as tw
+    from raylens.search import compare_to_base, connect_or_start, demo_sweep, front_table, run_sweep
+
+    storage = args.storage or os.environ.get("RAYLENS_STORAGE", "raylens-runs")
+    name = args.name or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep = demo_sweep(storage=storage, name=name, num_trials=args.trials)  # validated first
     print("raylens demo: the toy world (hazard = forget domain, general = retain domain)")
     cmd_toyworld_build(args)
-    out = Path(args.out or f"raylens-runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"\nunlearning the hazard domain with the lora_adamw recipe -> {out}")
-    args.recipe, args.set, args.out = "lora_adamw", [], str(out)
-    args.workers = args.gpus = None
-    args.resume = False
-    return cmd_unlearn(args)
+    print(f"\nsweep {name}: {sweep.num_trials} trials of the sft_adamw recipe, searching "
+          f"{', '.join(sweep.space)} against {sweep.forget_task} (min) and {sweep.retain_task} "
+          f"(max) -> {Path(storage) / name}")
+    connect_or_start(sweep)
+    start = time.perf_counter()
+    rows = run_sweep(sweep, toyworld=tw.load_or_build(_toy_config(args)).root)
+    ray.shutdown()
+    finished = sum(r["wmdp"] is not None for r in rows)
+    print(f"\n{finished} of {len(rows)} trials finished in {time.perf_counter() - start:.0f} s; "
+          "* = Pareto front (feasible, undominated)")
+    print(front_table(rows, sweep))
+    print(compare_to_base(rows, sweep))
+    print(f"rerun with --name {name} to resume this sweep")
+    return 0 if any(r["pareto"] for r in rows) else 1
 
 
 def _model_folder(name: str, world_config: ToyWorldConfig) -> tuple[Path, Path | None]:
@@ -215,8 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     def seed_option(p):
         p.add_argument("--seed", type=int, default=0, help="toy world seed (default 0)")
 
-    demo = sub.add_parser("demo", help="the main job on the embedded toy world")
-    demo.add_argument("--out", default=None, help="run folder (default raylens-runs/demo-<time>)")
+    demo = sub.add_parser("demo", help="the main job: a toy-world sweep and its Pareto front")
+    demo.add_argument("--name", default=None,
+                      help="sweep name (default demo-<time>); an existing name resumes it")
+    demo.add_argument("--storage", default=None,
+                      help="storage root (default $RAYLENS_STORAGE or raylens-runs)")
+    demo.add_argument("--trials", type=int, default=12, help="trial budget (default 12)")
     seed_option(demo)
     demo.set_defaults(func=cmd_demo)
 

@@ -33,16 +33,6 @@ def test_toyworld_build_prints_the_baseline_table(world, tmp_path):
     assert f"| main (both corpora) | {main['toy_wmdp']:.4f} | {main['toy_mmlu']:.4f} |" in out.stdout
 
 
-@pytest.mark.slow
-def test_demo_prints_baseline_and_before_after(world, tmp_path):
-    out = raylens("demo", "--out", str(tmp_path / "demo"), cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "| control (no hazard corpus) |" in out.stdout
-    results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    after = results["after"]["toy_wmdp"]["acc"]
-    assert f"| toy_wmdp | {world.baseline['main']['toy_wmdp']:.4f} | {after:.4f} |" in out.stdout
-
-
 @pytest.mark.parametrize(
     "args, field",
     [
@@ -50,6 +40,8 @@ def test_demo_prints_baseline_and_before_after(world, tmp_path):
         (["eval", "--batch-size", "0"], "eval.batch_size"),
         (["eval", "--model", "/nonexistent/model"], "--model"),
         (["eval", "--toyworld", "/nonexistent"], "--toyworld"),
+        (["demo", "--trials", "0"], "sweep.num_trials"),
+        (["demo", "--name", "my sweep"], "sweep.name"),
     ],
 )
 def test_bad_arguments_fail_fast_naming_the_field(args, field, tmp_path):

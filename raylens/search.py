@@ -1,0 +1,386 @@
+"""Sweeps: Ray Tune drives trials, Optuna chooses their settings against two objectives at once.
+
+A trial is a Tune function: it applies the sampled settings to the sweep's base config, runs the
+training as a Ray Train job (``train.fit_on_ray``: DDP or FSDP2 workers, checkpoints, in-trial
+evaluation on the live model) and reports ``wmdp`` (forget-task accuracy, minimised) and ``mmlu``
+(retain-task accuracy, maximised). Optuna's multi-objective sampler (TPE, or NSGA-II) reads them
+through ``OptunaSearch``; its study lives in an RDB (sqlite beside the sweep by default) so the
+Pareto front survives the driver. Diverged (non-finite loss or accuracy) and collapsed (retain
+accuracy below the sweep's floor) trials are recorded with the reason and carry a violated Optuna
+constraint, so they never count as Pareto points. Rerunning a sweep with the same name restores
+Tune's experiment: finished trials are kept, trials the crash left running in Optuna are marked
+failed, and the remaining budget runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from raylens.config import SweepConfig, UnlearnConfig, from_flat, replace, to_flat
+from raylens.train import fit_on_ray
+
+DRIVER_RESOURCE = "TRAIN_DRIVER"
+"""Custom resource a trial's driver holds (one per trial): clusters declare how many trials run
+at once by how many of these the head node offers."""
+
+
+@dataclass(frozen=True)
+class SweepPaths:
+    """Where a sweep keeps its state, all under ``<storage>/<name>/``."""
+
+    root: Path
+
+    @property
+    def tune(self) -> Path:
+        """Tune's experiment storage (the experiment folder is ``tune/<name>``)."""
+        return self.root / "tune"
+
+    @property
+    def train(self) -> Path:
+        """Ray Train storage: each trial's checkpoints, under ``train/<trial id>``."""
+        return self.root / "train"
+
+    @property
+    def trials(self) -> Path:
+        """Each trial's export (``model/``, ``adapter/``), history and report."""
+        return self.root / "trials"
+
+    @property
+    def study_url(self) -> str:
+        return f"sqlite:///{(self.root / 'optuna.db').resolve()}"
+
+
+def paths(sweep: SweepConfig) -> SweepPaths:
+    return SweepPaths(Path(sweep.storage).resolve() / sweep.name)
+
+
+def objectives(report: dict, sweep: SweepConfig) -> dict:
+    """The values a trial reports to Tune from its training report: ``wmdp``, ``mmlu``,
+    ``feasible``, ``infeasible`` (the reason, or ``""``) and ``constraint`` (Optuna's: <= 0 is
+    feasible)."""
+    scores = report["eval"]
+    wmdp = scores[sweep.forget_task]["acc"]
+    mmlu = scores[sweep.retain_task]["acc"]
+    losses = [report.get("retain_loss"), report.get("forget_loss")]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in [*losses, wmdp, mmlu]):
+        reason, constraint = "diverged", 1.0
+    elif mmlu < sweep.retain_floor:
+        reason, constraint = "collapsed", sweep.retain_floor - mmlu
+    else:
+        reason, constraint = "", sweep.retain_floor - mmlu
+    finite = lambda v, bad: v if isinstance(v, (int, float)) and math.isfinite(v) else bad
+    return {"wmdp": finite(wmdp, 1.0), "mmlu": finite(mmlu, 0.0), "feasible": not reason,
+            "infeasible": reason, "constraint": constraint}
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The feasible rows no other feasible row dominates (lower ``wmdp`` and higher ``mmlu``,
+    one strictly), sorted by ``wmdp``."""
+    feasible = [r for r in rows if r["feasible"]]
+
+    def dominated(r):
+        return any(o["wmdp"] <= r["wmdp"] and o["mmlu"] >= r["mmlu"]
+                   and (o["wmdp"] < r["wmdp"] or o["mmlu"] > r["mmlu"]) for o in feasible)
+
+    return sorted((r for r in feasible if not dominated(r)), key=lambda r: (r["wmdp"], -r["mmlu"]))
+
+
+def _trial(params: dict, *, sweep_flat: dict, sweep_meta: dict, toyworld: str | None) -> None:
+    """One trial (a Tune function trainable): base config + sampled settings -> Ray Train run ->
+    objectives. Every value reported is also written to ``trials/<id>/result.json``."""
+    import ray.tune
+
+    sweep = _sweep_from(sweep_flat, sweep_meta)
+    config = replace(sweep.base, params)
+    trial_id = ray.tune.get_context().get_trial_id()
+    where = paths(sweep)
+    out = where.trials / trial_id
+    done = out / "result.json"
+    if done.exists():  # finished, but the crashed driver had not recorded it: report, not rerun
+        result = json.loads(done.read_text())
+        if all(result.get(f"param/{k}") == v for k, v in params.items()):
+            ray.tune.report(result)
+            return
+    report = fit_on_ray(config, out=out, storage_path=where.train, name=trial_id,
+                        toyworld=Path(toyworld) if toyworld else None)
+    if report["eval_error"]:
+        raise RuntimeError(f"evaluation failed: {report['eval_error']}")
+    result = {**objectives(report, sweep), **{f"param/{k}": v for k, v in params.items()},
+              "retain_loss": report["retain_loss"], "forget_loss": report["forget_loss"],
+              "num_steps": report["num_steps"], "trial_dir": str(out),
+              **{f"acc/{task}": s["acc"] for task, s in report["eval"].items()}}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    ray.tune.report(result)
+
+
+def _sweep_meta(sweep: SweepConfig) -> dict:
+    """The sweep's own fields, JSON-safe (``_trial`` runs in another process)."""
+    return {f.name: getattr(sweep, f.name) for f in dataclasses.fields(sweep)
+            if f.name not in ("base", "space")} | {"space": {k: list(v) for k, v in sweep.space.items()}}
+
+
+def _sweep_from(base_flat: dict, meta: dict) -> SweepConfig:
+    space = {k: tuple(v) for k, v in meta["space"].items()}
+    return SweepConfig(**{**meta, "space": space, "base": from_flat(UnlearnConfig, base_flat)})
+
+
+def _tune_space(space: dict[str, tuple]) -> dict:
+    from ray import tune
+
+    make = {"log": lambda lo, hi: tune.loguniform(lo, hi),
+            "uniform": lambda lo, hi: tune.uniform(lo, hi),
+            "int": lambda lo, hi: tune.randint(int(lo), int(hi) + 1)}
+    return {k: tune.choice(list(s[1])) if s[0] == "choice" else make[s[0]](*s[1:])
+            for k, s in space.items()}
+
+
+def _constraints(trial) -> list[float]:
+    """Optuna's constraint of a finished trial (<= 0 feasible), as ``on_trial_complete`` set it;
+    module-level so the searcher pickles into Tune's experiment checkpoint."""
+    return [trial.user_attrs.get("constraint", 0.0)]
+
+
+def _searcher(sweep: SweepConfig, study_url: str):
+    """``OptunaSearch`` on both objectives with a persistent study; each finished trial's
+    feasibility becomes an Optuna constraint before Optuna is told its values."""
+    sampler = (optuna.samplers.NSGAIISampler(seed=sweep.seed, constraints_func=_constraints,
+                                             population_size=max(4, sweep.num_trials // 3))
+               if sweep.sampler == "nsga2" else
+               optuna.samplers.TPESampler(seed=sweep.seed, constraints_func=_constraints))
+    first = ([{k: to_flat(sweep.base)[k] for k in sweep.space}]
+             if sweep.evaluate_base_first else None)
+    return _ConstrainedOptunaSearch(
+        space=_tune_space(sweep.space), metric=["wmdp", "mmlu"], mode=["min", "max"],
+        points_to_evaluate=first, sampler=sampler, study_name=sweep.name,
+        storage=optuna.storages.RDBStorage(study_url))
+
+
+class _ConstrainedOptunaSearch(OptunaSearch):
+    """OptunaSearch that records, on the Optuna trial, the Tune trial id, the constraint and the
+    infeasibility reason before the values are told (samplers read constraints then)."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        attrs = {"tune_trial_id": trial_id}
+        if result and "constraint" in result:
+            attrs |= {"constraint": float(result["constraint"]),
+                      "infeasible": result.get("infeasible", "")}
+        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if frozen.state == optuna.trial.TrialState.COMPLETE:  # told before the crash
+            self._completed_trials.add(trial_id)
+            return None
+        if frozen.state.is_finished():
+            # a trial the crashed driver left running: marked FAIL on resume, rerun by Tune;
+            # its result becomes a new Optuna trial with the same settings
+            self._completed_trials.add(trial_id)
+            if result and all(result.get(m) is not None for m in self.metric):
+                self._ot_study.add_trial(optuna.trial.create_trial(
+                    params=frozen.params, distributions=frozen.distributions,
+                    values=[result[m] for m in self.metric], user_attrs=attrs,
+                    system_attrs={"constraints": [attrs.get("constraint", 0.0)]}))
+            return None
+        for key, value in attrs.items():
+            ot_trial.set_user_attr(key, value)
+        return super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def fail_orphaned_trials(study_url: str, study_name: str) -> int:
+    """Mark Optuna trials a crashed driver left RUNNING as FAIL (their Tune trials rerun or are
+    dropped by ``Tuner.restore``); returns how many."""
+    storage = optuna.storages.RDBStorage(study_url)
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return 0
+    orphans = [t for t in storage.get_all_trials(study_id, deepcopy=False)
+               if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in orphans:
+        storage.set_trial_user_attr(trial._trial_id, "failed_because", "driver crashed")
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    return len(orphans)
+
+
+def _concurrency(sweep: SweepConfig) -> int:
+    import ray
+
+    if sweep.max_concurrent:
+        return sweep.max_concurrent
+    resources = ray.cluster_resources()
+    scaling = sweep.base.scaling
+    have = resources.get("GPU", 0) if scaling.use_gpu else resources.get("CPU", 1)
+    return max(1, int(have // scaling.num_workers))
+
+
+def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print) -> list[dict]:
+    """Run (or resume) ``sweep`` on the connected Ray cluster; returns one row per trial (its
+    objectives, feasibility, sampled settings, Tune status and error) with ``pareto`` marked."""
+    import ray
+    from ray import tune
+
+    sweep = dataclasses.replace(sweep, storage=str(Path(sweep.storage).resolve()))
+    where = paths(sweep)
+    where.root.mkdir(parents=True, exist_ok=True)
+    study_url = sweep.study_url or where.study_url
+    concurrency = _concurrency(sweep)
+    if not ray.cluster_resources().get(DRIVER_RESOURCE):
+        raise RuntimeError(f"the Ray cluster offers no {DRIVER_RESOURCE} resource: start it with "
+                           f"--resources='{{\"{DRIVER_RESOURCE}\": N}}' (N trials at once)")
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, sweep_flat=to_flat(sweep.base), sweep_meta=_sweep_meta(sweep),
+                             toyworld=str(toyworld) if toyworld else None),
+        {DRIVER_RESOURCE: 1})
+    experiment = where.tune / sweep.name
+    if tune.Tuner.can_restore(str(experiment)):
+        failed = fail_orphaned_trials(study_url, sweep.name)
+        log(f"resuming sweep {sweep.name} from {experiment} ({failed} orphaned Optuna trials "
+            "marked failed)")
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    else:
+        log(f"sweep {sweep.name}: {sweep.num_trials} trials, up to {concurrency} at once, "
+            f"study {study_url}")
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=_searcher(sweep, study_url),
+                                        num_samples=sweep.num_trials,
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(where.tune),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      verbose=0),
+        )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        rows.append({
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "wmdp": metrics.get("wmdp"), "mmlu": metrics.get("mmlu"),
+            "feasible": bool(metrics.get("feasible")),
+            "infeasible": metrics.get("infeasible", "error" if result.error else ""),
+            "params": dict(result.config or {}),
+            "error": str(result.error)[:500] if result.error else None,
+            "trial_dir": metrics.get("trial_dir"),
+        })
+    front = {id(r) for r in pareto_front([r for r in rows if r["wmdp"] is not None])}
+    for row in rows:
+        row["pareto"] = id(row) in front
+    return rows
+
+
+def optuna_front(sweep: SweepConfig) -> list[str]:
+    """Tune trial ids of the Optuna study's Pareto front (``best_trials``, feasible only)."""
+    study = optuna.load_study(study_name=sweep.name,
+                              storage=optuna.storages.RDBStorage(sweep.study_url
+                                                                 or paths(sweep).study_url))
+    return sorted(t.user_attrs["tune_trial_id"] for t in study.best_trials)
+
+
+def front_table(rows: list[dict], sweep: SweepConfig) -> str:
+    """A markdown table of every trial, Pareto points first, marked."""
+    keys = list(sweep.space)
+    head = ["pareto", sweep.forget_task, sweep.retain_task, "status", *keys, "trial"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = sorted(rows, key=lambda r: (not r["pareto"], r["wmdp"] if r["wmdp"] is not None
+                                        else 2, -(r["mmlu"] or 0)))
+    for r in order:
+        status = r["infeasible"] or ("error" if r["error"] else "ok")
+        cells = ["*" if r["pareto"] else "",
+                 f"{r['wmdp']:.4f}" if r["wmdp"] is not None else "-",
+                 f"{r['mmlu']:.4f}" if r["mmlu"] is not None else "-", status,
+                 *[f"{r['params'][k]:.3g}" if isinstance(r["params"].get(k), float)
+                   else str(r["params"].get(k, "-")) for k in keys], r["trial_id"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_main(real: SweepConfig, toy: SweepConfig, argv: list[str] | None = None) -> int:
+    """Entry point of a ``sweeps/*.py`` file: the real sweep on the cluster this runs on
+    (``ray submit cluster.yaml sweeps/x.py`` or ``ray job submit``), or its toy-world version with
+    ``--toy``. Prints the trial table with the Pareto front marked."""
+    import argparse
+    import os
+
+    import ray
+
+    parser = argparse.ArgumentParser(description=f"sweep {real.name}")
+    parser.add_argument("--toy", action="store_true", help="the toy-world version, on this machine")
+    parser.add_argument("--trials", type=int, default=None, help="override the trial budget")
+    parser.add_argument("--storage", default=os.environ.get("RAYLENS_STORAGE"),
+                        help="storage root (default $RAYLENS_STORAGE, else the sweep's own)")
+    args = parser.parse_args(argv)
+    sweep = toy if args.toy else real
+    changes = {k: v for k, v in (("num_trials", args.trials), ("storage", args.storage)) if v}
+    sweep = dataclasses.replace(sweep, **changes)
+    toyworld = None
+    if args.toy:
+        from raylens import toyworld as tw
+
+        toyworld = tw.load_or_build().root
+    connect_or_start(sweep)
+    rows = run_sweep(sweep, toyworld=toyworld)
+    print(front_table(rows, sweep))
+    print(compare_to_base(rows, sweep))
+    ray.shutdown()
+    return 0 if any(r["pareto"] for r in rows) else 1
+
+
+def connect_or_start(sweep: SweepConfig) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (or a running local head); otherwise start a local
+    Ray instance offering as many trial-driver slots as its CPUs (or GPUs) fit trials."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    import torch
+
+    scaling = sweep.base.scaling
+    have = torch.cuda.device_count() if scaling.use_gpu else os.cpu_count() or 1
+    slots = sweep.max_concurrent or max(1, have // scaling.num_workers)
+    ray.init(resources={DRIVER_RESOURCE: slots}, include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=False)
+
+
+def demo_sweep(storage: str = "raylens-runs", name: str = "demo", num_trials: int = 12) -> SweepConfig:
+    """The toy-world sweep ``raylens demo`` runs: full fine-tuning with AdamW (the ``sft_adamw``
+    recipe on 512 documents, 32 steps), retain coefficient and lr on log scales wide enough to
+    reach collapsed and unchanged models, the recipe's hand-tuned point first; a retain accuracy
+    below 0.6 counts as collapsed."""
+    from raylens.config import recipe
+
+    return SweepConfig(
+        name=name, storage=storage, num_trials=num_trials, retain_floor=0.6,
+        base=replace(recipe("sft_adamw"), {"data.num_examples": 512,
+                                           "scaling.checkpoint_every": 0}),
+        space={"loss.retain_coef": ("log", 0.003, 3.0), "optim.lr": ("log", 3e-4, 1e-2)},
+    )
+
+
+def compare_to_base(rows: list[dict], sweep: SweepConfig) -> str:
+    """One line: the base (hand-tuned) trial's objectives and the trials that beat it on one
+    objective without losing on the other."""
+    base = {k: to_flat(sweep.base)[k] for k in sweep.space}
+    first = next((r for r in rows if r["params"] == base and r["wmdp"] is not None), None)
+    if first is None:
+        return "the base config was not among the finished trials"
+    better = [r for r in rows if r is not first and r["feasible"] and r["wmdp"] is not None
+              and r["wmdp"] <= first["wmdp"] and r["mmlu"] >= first["mmlu"]
+              and (r["wmdp"] < first["wmdp"] or r["mmlu"] > first["mmlu"])]
+    head = (f"hand-tuned base ({', '.join(f'{k}={v:g}' for k, v in base.items())}): "
+            f"{sweep.forget_task} {first['wmdp']:.4f}, {sweep.retain_task} {first['mmlu']:.4f}")
+    if not better:
+        return head + "; no trial beats it on one objective without losing on the other"
+    return head + "; beaten by " + ", ".join(
+        f"{r['trial_id']} ({r['wmdp']:.4f}, {r['mmlu']:.4f})" for r in better)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Start a local Ray head the way cluster.yaml starts one (dashboard on 127.0.0.1, TRAIN_DRIVER
+# slots, token authentication), submit the toy sft_adamw sweep through `ray job submit`, and
+# require the job to end SUCCEEDED with a Pareto front. Usage: scripts/ray_job_submit_check.sh
+# [trials] (default 2). Run by tests/test_search.py (slow) and by hand.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+TRIALS=${1:-2}
+export RAY_AUTH_MODE=token
+STORAGE=$(mktemp -d)
+"$VENV/bin/ray" start --head --num-cpus=2 --dashboard-host=127.0.0.1 \
+  --resources='{"TRAIN_DRIVER": 2}' --disable-usage-stats > "$STORAGE/head.log" 2>&1
+trap '"$VENV/bin/ray" stop --force > /dev/null 2>&1; rm -rf "$STORAGE"' EXIT
+"$VENV/bin/ray" job submit --address http://127.0.0.1:8265 --working-dir sweeps \
+  --submission-id "raylens-check-$$" -- \
+  python sft_adamw.py --toy --trials "$TRIALS" --storage "$STORAGE/runs" | tee "$STORAGE/job.log"
+status=$("$VENV/bin/ray" job status --address http://127.0.0.1:8265 "raylens-check-$$" | tail -1)
+echo "$status"
+grep -q "SUCCEEDED" <<< "$status"
+grep -q "^| \* |" "$STORAGE/job.log"
+echo "ray job submit: toy sweep SUCCEEDED"

@@ -1,0 +1,43 @@
+"""Sweep: FSDP2 + Muon across two GH200 nodes (8 GPUs per trial; the seed log's "FSDP2 + Muon"
+table: 128-1,024 examples, muon_lr 0.02, adam_lr 3e-4, retain 5-400, remove 5; its runs ended in
+a collapsed MMLU, negative "L2" losses from a bad reduction, or failed saves).
+
+    ray submit cluster.yaml sweeps/fsdp2_muon.py
+    python sweeps/fsdp2_muon.py --toy      # 2 CPU workers per trial (FSDP2 over gloo)
+"""
+
+import sys
+
+from raylens.config import SweepConfig, recipe, replace
+from raylens.search import sweep_main
+
+REAL_BASE = recipe("sft_muon", {
+    "model.name_or_path": "EleutherAI/deep-ignorance-unfiltered", "model.dtype": "bfloat16",
+    "model.gradient_checkpointing": True,
+    "lens.name_or_path": "EleutherAI/deep-ignorance-unfiltered-lens",
+    "data.forget": "Unlearning/WMDP-Bio-Remove-Dataset",
+    "data.retain": "EleutherAI/wikitext_document_level",
+    "data.num_examples": 1024, "batch.epochs": 1, "batch.global_batch": 32,
+    "batch.per_device_batch": 1, "loss.target_layers": (5, 10, 15, 20, 25, 30),
+    "loss.retain_coef": 20.0, "loss.remove_coef": 5.0, "optim.muon_lr": 0.02,
+    "optim.adam_lr": 3e-4, "scaling.num_workers": 8, "scaling.use_gpu": True,
+    "scaling.checkpoint_every": 8, "eval.tasks": ("wmdp_bio_robust", "mmlu"),
+    "eval.subset": 0.25,
+})
+REAL = SweepConfig(
+    name="fsdp2_muon", base=REAL_BASE,
+    space={"loss.retain_coef": ("log", 1.0, 500.0), "loss.remove_coef": ("log", 0.5, 20.0),
+           "optim.muon_lr": ("log", 1e-3, 5e-2)},
+    num_trials=24, forget_task="wmdp_bio_robust", retain_task="mmlu", retain_floor=0.30,
+)
+
+TOY = SweepConfig(
+    name="toy_fsdp2_muon",
+    base=replace(recipe("sft_muon"), {"data.num_examples": 256, "scaling.num_workers": 2,
+                                      "batch.per_device_batch": 16, "scaling.checkpoint_every": 0}),
+    space={"loss.retain_coef": ("log", 0.003, 3.0), "optim.muon_lr": ("log", 2e-3, 5e-2)},
+    num_trials=6, retain_floor=0.6,
+)
+
+if __name__ == "__main__":
+    sys.exit(sweep_main(REAL, TOY))

@@ -1,0 +1,45 @@
+"""Sweep: LoRA + AdamW (the seed log's best recipe: rank 16, retain 5, remove 5, lr 1e-3, 8,192
+examples, 256 steps -> WMDP-Bio-Robust 23.16 %, MMLU 43.04 %).
+
+The log tried one point and one doubling of the data (which collapsed MMLU). Here Optuna searches
+the two coefficients and the lr around it on a log scale.
+
+    ray submit cluster.yaml sweeps/lora_adamw.py
+    python sweeps/lora_adamw.py --toy
+"""
+
+import sys
+
+from raylens.config import SweepConfig, recipe, replace
+from raylens.search import sweep_main
+
+REAL_BASE = recipe("lora_adamw", {
+    "model.name_or_path": "EleutherAI/deep-ignorance-unfiltered", "model.dtype": "bfloat16",
+    "model.gradient_checkpointing": True,
+    "lens.name_or_path": "EleutherAI/deep-ignorance-unfiltered-lens",
+    "data.forget": "Unlearning/WMDP-Bio-Remove-Dataset",
+    "data.retain": "EleutherAI/wikitext_document_level",
+    "data.num_examples": 8192, "batch.epochs": 1, "batch.global_batch": 32,
+    "batch.per_device_batch": 4, "loss.target_layers": (5, 10, 15, 20, 25, 30),
+    "loss.retain_coef": 5.0, "loss.remove_coef": 5.0, "optim.lr": 1e-3,
+    "mode.lora_target_modules": None,  # PEFT's default for GPT-NeoX, as in the seed
+    "scaling.num_workers": 4, "scaling.use_gpu": True, "scaling.checkpoint_every": 64,
+    "eval.tasks": ("wmdp_bio_robust", "mmlu"), "eval.subset": 0.25,
+})
+REAL = SweepConfig(
+    name="lora_adamw", base=REAL_BASE,
+    space={"loss.retain_coef": ("log", 0.5, 50.0), "loss.remove_coef": ("log", 0.5, 50.0),
+           "optim.lr": ("log", 1e-4, 1e-2)},
+    num_trials=32, forget_task="wmdp_bio_robust", retain_task="mmlu", retain_floor=0.30,
+)
+
+TOY = SweepConfig(
+    name="toy_lora_adamw",
+    base=replace(recipe("lora_adamw"), {"data.num_examples": 256, "batch.epochs": 8,
+                                        "scaling.checkpoint_every": 0}),
+    space={"loss.retain_coef": ("log", 0.5, 50.0), "optim.lr": ("log", 1e-3, 3e-2)},
+    num_trials=12, retain_floor=0.6,
+)
+
+if __name__ == "__main__":
+    sys.exit(sweep_main(REAL, TOY))

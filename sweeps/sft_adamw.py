@@ -1,0 +1,39 @@
+"""Sweep: full fine-tuning with AdamW (the seed log's "SFT + AdamW" table).
+
+The log searched retain_coef 15-500, remove_coef 1-20 and lr 1e-5-5e-4 by hand, one axis at a
+time, at 1,024 examples (32 steps, global batch 32, warmup 0.5) and found only collapsed or
+unchanged models. Here Optuna searches all three on a log scale against both objectives.
+
+    ray submit cluster.yaml sweeps/sft_adamw.py      # the real model on a GH200 cluster
+    python sweeps/sft_adamw.py --toy                  # the toy world, on this machine
+"""
+
+import sys
+
+from raylens.config import SweepConfig, recipe
+from raylens.search import demo_sweep, sweep_main
+
+REAL_BASE = recipe("sft_adamw", {
+    "model.name_or_path": "EleutherAI/deep-ignorance-unfiltered", "model.dtype": "bfloat16",
+    "model.gradient_checkpointing": True,
+    "lens.name_or_path": "EleutherAI/deep-ignorance-unfiltered-lens",
+    "data.forget": "Unlearning/WMDP-Bio-Remove-Dataset",
+    "data.retain": "EleutherAI/wikitext_document_level",
+    "data.num_examples": 1024, "batch.epochs": 1, "batch.global_batch": 32,
+    "batch.per_device_batch": 2, "loss.target_layers": (5, 10, 15, 20, 25, 30),
+    "loss.retain_coef": 200.0, "loss.remove_coef": 1.0, "optim.lr": 5e-4,
+    "optim.warmup_ratio": 0.5, "scaling.num_workers": 4, "scaling.use_gpu": True,
+    "scaling.checkpoint_every": 8, "eval.tasks": ("wmdp_bio_robust", "mmlu"),
+    "eval.subset": 0.25,
+})
+REAL = SweepConfig(
+    name="sft_adamw", base=REAL_BASE,
+    space={"loss.retain_coef": ("log", 1.0, 1000.0), "loss.remove_coef": ("log", 0.5, 30.0),
+           "optim.lr": ("log", 1e-5, 1e-3)},
+    num_trials=48, forget_task="wmdp_bio_robust", retain_task="mmlu", retain_floor=0.30,
+)
+
+TOY = demo_sweep(name="toy_sft_adamw")  # what `raylens demo` runs
+
+if __name__ == "__main__":
+    sys.exit(sweep_main(REAL, TOY))

@@ -1,0 +1,42 @@
+"""Sweep: full fine-tuning with Muon for the blocks' matrices and AdamW for the rest (the seed
+log's "SFT + Muon" table: 1,024 examples, 32 steps, muon_lr 1e-3, adam_lr 3e-4, retain 1-3,
+remove 0.5-2, every point either collapsed MMLU or barely unlearned).
+
+    ray submit cluster.yaml sweeps/sft_muon.py
+    python sweeps/sft_muon.py --toy
+"""
+
+import sys
+
+from raylens.config import SweepConfig, recipe, replace
+from raylens.search import sweep_main
+
+REAL_BASE = recipe("sft_muon", {
+    "model.name_or_path": "EleutherAI/deep-ignorance-unfiltered", "model.dtype": "bfloat16",
+    "model.gradient_checkpointing": True,
+    "lens.name_or_path": "EleutherAI/deep-ignorance-unfiltered-lens",
+    "data.forget": "Unlearning/WMDP-Bio-Remove-Dataset",
+    "data.retain": "EleutherAI/wikitext_document_level",
+    "data.num_examples": 1024, "batch.epochs": 1, "batch.global_batch": 32,
+    "batch.per_device_batch": 2, "loss.target_layers": (5, 10, 15, 20, 25, 30),
+    "loss.retain_coef": 1.5, "loss.remove_coef": 1.5, "optim.muon_lr": 1e-3,
+    "optim.adam_lr": 3e-4, "scaling.num_workers": 4, "scaling.use_gpu": True,
+    "scaling.checkpoint_every": 8, "eval.tasks": ("wmdp_bio_robust", "mmlu"),
+    "eval.subset": 0.25,
+})
+REAL = SweepConfig(
+    name="sft_muon", base=REAL_BASE,
+    space={"loss.retain_coef": ("log", 0.3, 30.0), "loss.remove_coef": ("log", 0.3, 10.0),
+           "optim.muon_lr": ("log", 1e-4, 3e-2), "optim.adam_lr": ("log", 3e-5, 1e-3)},
+    num_trials=48, forget_task="wmdp_bio_robust", retain_task="mmlu", retain_floor=0.30,
+)
+
+TOY = SweepConfig(
+    name="toy_sft_muon",
+    base=replace(recipe("sft_muon"), {"data.num_examples": 512, "scaling.checkpoint_every": 0}),
+    space={"loss.retain_coef": ("log", 0.003, 3.0), "optim.muon_lr": ("log", 2e-3, 5e-2)},
+    num_trials=12, retain_floor=0.6,
+)
+
+if __name__ == "__main__":
+    sys.exit(sweep_main(REAL, TOY))

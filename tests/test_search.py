@@ -1,0 +1,173 @@
+"""Sweeps: objectives and the Pareto front, the sweep files, cluster.yaml, and a sweep whose
+driver is killed and resumed."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raylens.config import ConfigError, SweepConfig, recipe, to_flat
+from raylens.search import objectives, pareto_front
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _report(wmdp, mmlu, retain_loss=1.0):
+    return {"eval": {"toy_wmdp": {"acc": wmdp}, "toy_mmlu": {"acc": mmlu}},
+            "retain_loss": retain_loss, "forget_loss": 1.0}
+
+
+def test_objectives_mark_diverged_and_collapsed_trials_infeasible():
+    sweep = SweepConfig(name="t", base=recipe("sft_adamw"), retain_floor=0.6,
+                        space={"loss.retain_coef": ("log", 0.01, 1.0)})
+    ok = objectives(_report(0.3, 0.9), sweep)
+    assert ok["feasible"] and ok["infeasible"] == "" and ok["constraint"] == pytest.approx(-0.3)
+    collapsed = objectives(_report(0.25, 0.4), sweep)
+    assert not collapsed["feasible"] and collapsed["infeasible"] == "collapsed"
+    assert collapsed["constraint"] == pytest.approx(0.2)
+    diverged = objectives(_report(0.25, 0.9, retain_loss=float("nan")), sweep)
+    assert diverged["infeasible"] == "diverged" and diverged["constraint"] == 1.0
+
+
+def test_pareto_front_keeps_undominated_feasible_rows_only():
+    rows = [{"id": i, "wmdp": w, "mmlu": m, "feasible": f} for i, (w, m, f) in enumerate([
+        (0.30, 0.90, True), (0.35, 0.95, True), (0.32, 0.89, True),  # 2 dominated by 0
+        (0.25, 0.50, False),  # collapsed: lowest wmdp, never on the front
+        (0.30, 0.90, True),   # a tie with 0: both stay
+        (1.00, 1.00, True)])]
+    assert [r["id"] for r in pareto_front(rows)] == [0, 4, 1, 5]
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(space={"loss.nope": ("log", 1, 2)}), "sweep.space"),
+    (dict(space={"loss.retain_coef": ("log", 0, 2)}), "sweep.space['loss.retain_coef']"),
+    (dict(space={"loss.retain_coef": ("log", 1e-3, -1)}), "sweep.space['loss.retain_coef']"),
+    (dict(space={"optim.warmup_ratio": ("uniform", 0.1, 2.0)}), "optim.warmup_ratio"),
+    (dict(sampler="cmaes"), "sweep.sampler"),
+    (dict(retain_task="mmlu"), "sweep.retain_task"),
+    (dict(name="a b"), "sweep.name"),
+    (dict(study_url="optuna.db"), "sweep.study_url"),
+])
+def test_bad_sweeps_are_rejected_naming_the_field(bad, field):
+    settings = dict(name="t", base=recipe("sft_adamw"),
+                    space={"loss.retain_coef": ("log", 0.01, 1.0)}) | bad
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        SweepConfig(**settings)
+
+
+# (file, seed-log values each searched setting must cover)
+SEED_GRID = {
+    "lora_adamw": {"loss.retain_coef": [5.0], "loss.remove_coef": [5.0], "optim.lr": [1e-3]},
+    "sft_adamw": {"loss.retain_coef": [15, 50, 100, 200, 400, 500],
+                  "loss.remove_coef": [1, 5, 10, 15, 20], "optim.lr": [1e-5, 5e-5, 1e-4, 5e-4]},
+    "sft_muon": {"loss.retain_coef": [1, 1.5, 2, 2.5, 3], "loss.remove_coef": [0.5, 1, 1.5, 2],
+                 "optim.muon_lr": [1e-3], "optim.adam_lr": [3e-4]},
+    "fsdp2_muon": {"loss.retain_coef": [5, 20, 50, 100, 400], "loss.remove_coef": [5],
+                   "optim.muon_lr": [0.02]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEED_GRID))
+def test_sweep_files_build_the_seed_recipes_without_a_gpu(name):
+    spec = importlib.util.spec_from_file_location(f"sweep_{name}", REPO / "sweeps" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real, toy = module.REAL, module.TOY
+    assert isinstance(real, SweepConfig) and isinstance(toy, SweepConfig)
+    flat = to_flat(real.base)
+    assert flat["model.name_or_path"] == "EleutherAI/deep-ignorance-unfiltered"
+    assert flat["lens.name_or_path"] == "EleutherAI/deep-ignorance-unfiltered-lens"
+    assert tuple(flat["loss.target_layers"]) == (5, 10, 15, 20, 25, 30)
+    assert flat["batch.global_batch"] == 32 and flat["scaling.use_gpu"] is True
+    assert (real.forget_task, real.retain_task) == ("wmdp_bio_robust", "mmlu")
+    for key, values in SEED_GRID[name].items():
+        kind, low, high = real.space[key]
+        assert kind == "log" and all(low <= v <= high for v in values), key
+    assert toy.base.model.name_or_path == "toy" and toy.num_trials >= 1
+
+
+def test_cluster_yaml_validates_offline_with_rays_own_schema():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    start = " ".join(config["head_start_ray_commands"])
+    assert '"TRAIN_DRIVER": 4' in start and "--dashboard-host=127.0.0.1" in start
+    assert "mlflow server --host 127.0.0.1" in start
+    assert config["provider"]["type"] == "local" and len(config["provider"]["worker_ips"]) == 3
+    broken = dict(config, max_wrokers=3)
+    with pytest.raises(Exception, match="max_wrokers"):
+        validate_config(prepare_config(broken))
+
+
+def _demo(args, cwd, **kwargs):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_ADDRESS"))}
+    return subprocess.Popen([sys.executable, "-m", "raylens.cli", "demo", *args], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tmp_path):
+    """SIGKILL the demo's driver (and the Ray instance it started) once two trials have
+    finished, run the same command again: the finished trials keep their results untouched, every
+    trial appears once, and Optuna's Pareto front is the one computed from Tune's results."""
+    import optuna
+
+    from raylens.search import demo_sweep, optuna_front, paths
+
+    args = ["--name", "killed", "--trials", "4", "--storage", str(tmp_path / "runs")]
+    sweep = demo_sweep(storage=str(tmp_path / "runs"), name="killed", num_trials=4)
+    trials = paths(sweep).trials
+    driver = _demo(args, tmp_path)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and driver.poll() is None:
+        if len(list(trials.glob("*/result.json"))) >= 2:
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    finished = {p.parent.name: (p.stat().st_mtime_ns, p.read_text())
+                for p in trials.glob("*/result.json")}
+    assert len(finished) >= 2
+
+    resumed = _demo(args, tmp_path)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming sweep killed" in out
+    for trial_id, (mtime, text) in finished.items():  # not rerun
+        path = trials / trial_id / "result.json"
+        assert path.stat().st_mtime_ns == mtime and path.read_text() == text
+    results = {p.parent.name: json.loads(p.read_text()) for p in trials.glob("*/result.json")}
+    assert len(results) == 4
+    after = out[out.index("* = Pareto front"):].splitlines()
+    table = [line for line in after if line.startswith("| ") and "toy_wmdp" not in line]
+    ids = [line.rsplit("|", 2)[-2].strip() for line in table]
+    assert sorted(ids) == sorted(results)  # every trial once
+    study = optuna.load_study(study_name="killed", storage=paths(sweep).study_url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["tune_trial_id"] for t in complete) == sorted(results)
+    tune_front = sorted(tid for tid, r in results.items()
+                        if r["feasible"] and tid in {x["trial_id"] for x in pareto_front(
+                            [{**v, "trial_id": k} for k, v in results.items()])})
+    assert optuna_front(sweep) == tune_front
+    pareto_lines = [line for line in table if line.startswith("| * |")]
+    assert len(pareto_lines) == len(tune_front) >= 1
+
+
+@pytest.mark.slow
+def test_toy_sweep_runs_through_ray_job_submit_on_a_local_head(world):
+    """scripts/ray_job_submit_check.sh: `ray start --head` as cluster.yaml does, then the toy sweep
+    through `ray job submit`, which must end SUCCEEDED with a Pareto front printed."""
+    out = subprocess.run(["bash", str(REPO / "scripts" / "ray_job_submit_check.sh"), "2"],
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "VENV": str(Path(sys.executable).parents[1])})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "toy sweep SUCCEEDED" in out.stdout
