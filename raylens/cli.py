@@ -57,7 +57,8 @@ def cmd_demo(args) -> int:
 
     storage = args.storage or os.environ.get("RAYLENS_STORAGE", "raylens-runs")
     name = args.name or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep = demo_sweep(storage=storage, name=name, num_trials=args.trials)  # validated first
+    sweep = demo_sweep(storage=storage, name=name, num_trials=args.trials,  # validated first
+                       overrides=_parse_overrides(args.set))
     print("raylens demo: the toy world (hazard = forget domain, general = retain domain)")
     cmd_toyworld_build(args)
     print(f"\nsweep {name}: {sweep.num_trials} trials of the sft_adamw recipe, searching "
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--storage", default=None,
                       help="storage root (default $RAYLENS_STORAGE or raylens-runs)")
     demo.add_argument("--trials", type=int, default=12, help="trial budget (default 12)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a base setting, e.g. --set data.num_examples=256")
     seed_option(demo)
     demo.set_defaults(func=cmd_demo)
 

@@ -141,30 +141,24 @@ def _tune_space(space: dict[str, tuple]) -> dict:
             for k, s in space.items()}
 
 
-def _constraints(trial) -> list[float]:
-    """Optuna's constraint of a finished trial (<= 0 feasible), as ``on_trial_complete`` set it;
-    module-level so the searcher pickles into Tune's experiment checkpoint."""
-    return [trial.user_attrs.get("constraint", 0.0)]
-
-
 def _searcher(sweep: SweepConfig, study_url: str):
     """``OptunaSearch`` on both objectives with a persistent study; each finished trial's
     feasibility becomes an Optuna constraint before Optuna is told its values."""
-    sampler = (optuna.samplers.NSGAIISampler(seed=sweep.seed, constraints_func=_constraints,
+    sampler = (optuna.samplers.NSGAIISampler(seed=sweep.seed,
                                              population_size=max(4, sweep.num_trials // 3))
-               if sweep.sampler == "nsga2" else
-               optuna.samplers.TPESampler(seed=sweep.seed, constraints_func=_constraints))
+               if sweep.sampler == "nsga2" else optuna.samplers.TPESampler(seed=sweep.seed))
     first = ([{k: to_flat(sweep.base)[k] for k in sweep.space}]
              if sweep.evaluate_base_first else None)
     return _ConstrainedOptunaSearch(
-        space=_tune_space(sweep.space), metric=["wmdp", "mmlu"], mode=["min", "max"],
+        space=OptunaSearch.convert_search_space(_tune_space(sweep.space)),
+        metric=["wmdp", "mmlu"], mode=["min", "max"],
         points_to_evaluate=first, sampler=sampler, study_name=sweep.name,
         storage=optuna.storages.RDBStorage(study_url))
 
 
 class _ConstrainedOptunaSearch(OptunaSearch):
-    """OptunaSearch that records, on the Optuna trial, the Tune trial id, the constraint and the
-    infeasibility reason before the values are told (samplers read constraints then)."""
+    """OptunaSearch that records, on the Optuna trial, the Tune trial id, the infeasibility reason
+    and the retain-floor constraint before the values are told (samplers read constraints then)."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         ot_trial = self._ot_trials.get(trial_id)
@@ -186,10 +180,12 @@ class _ConstrainedOptunaSearch(OptunaSearch):
                 self._ot_study.add_trial(optuna.trial.create_trial(
                     params=frozen.params, distributions=frozen.distributions,
                     values=[result[m] for m in self.metric], user_attrs=attrs,
-                    system_attrs={"constraints": [attrs.get("constraint", 0.0)]}))
+                    constraints={"retain_floor": attrs.get("constraint", 0.0)}))
             return None
         for key, value in attrs.items():
             ot_trial.set_user_attr(key, value)
+        if "constraint" in attrs:  # <= 0 feasible; samplers and best_trials read it
+            ot_trial.set_constraint("retain_floor", attrs["constraint"])
         return super().on_trial_complete(trial_id, result=result, error=error)
 
 
@@ -353,18 +349,18 @@ def connect_or_start(sweep: SweepConfig) -> None:
              dashboard_host="127.0.0.1", log_to_driver=False)
 
 
-def demo_sweep(storage: str = "raylens-runs", name: str = "demo", num_trials: int = 12) -> SweepConfig:
+def demo_sweep(storage: str = "raylens-runs", name: str = "demo", num_trials: int = 12,
+               overrides: dict | None = None) -> SweepConfig:
     """The toy-world sweep ``raylens demo`` runs: full fine-tuning with AdamW (the ``sft_adamw``
-    recipe on 512 documents, 32 steps), retain coefficient and lr on log scales wide enough to
-    reach collapsed and unchanged models, the recipe's hand-tuned point first; a retain accuracy
-    below 0.6 counts as collapsed."""
+    recipe as the method issue hand-tuned it: 1,024 documents, 64 steps), retain coefficient and
+    lr on log scales wide enough to reach collapsed and unchanged models, the hand-tuned point
+    first; a retain accuracy below 0.6 counts as collapsed. ``overrides`` change the base."""
     from raylens.config import recipe
 
     return SweepConfig(
         name=name, storage=storage, num_trials=num_trials, retain_floor=0.6,
-        base=replace(recipe("sft_adamw"), {"data.num_examples": 512,
-                                           "scaling.checkpoint_every": 0}),
-        space={"loss.retain_coef": ("log", 0.003, 3.0), "optim.lr": ("log", 3e-4, 1e-2)},
+        base=replace(recipe("sft_adamw"), {"scaling.checkpoint_every": 0, **(overrides or {})}),
+        space={"loss.retain_coef": ("log", 0.003, 10.0), "optim.lr": ("log", 3e-5, 1e-2)},
     )
 
 

@@ -504,7 +504,11 @@ def _ray_worker(loop_config: dict) -> None:
         out = Path(loop_config["out"])
         save_run(result, config, out)
         (out / "train_report.json").write_text(json.dumps(report, indent=1))
-    ray.train.report(report)
+    # per-question predictions stay in the file; Ray's logs and result store get the rest
+    slim = {k: v for k, v in report.items() if k != "eval"}
+    slim["eval"] = {task: {k: v for k, v in s.items() if k != "predictions"}
+                    for task, s in (scores or {}).items()}
+    ray.train.report(slim)
 
 
 def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,

@@ -5,18 +5,18 @@
 # [trials] (default 2). Run by tests/test_search.py (slow) and by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
+VENV=$(realpath "${VENV:-.venv}")
 TRIALS=${1:-2}
 export RAY_AUTH_MODE=token
 STORAGE=$(mktemp -d)
 "$VENV/bin/ray" start --head --num-cpus=2 --dashboard-host=127.0.0.1 \
   --resources='{"TRAIN_DRIVER": 2}' --disable-usage-stats > "$STORAGE/head.log" 2>&1
 trap '"$VENV/bin/ray" stop --force > /dev/null 2>&1; rm -rf "$STORAGE"' EXIT
+# `ray job submit` waits for the job and exits 1 if it failed (pipefail keeps that status)
 "$VENV/bin/ray" job submit --address http://127.0.0.1:8265 --working-dir sweeps \
   --submission-id "raylens-check-$$" -- \
-  python sft_adamw.py --toy --trials "$TRIALS" --storage "$STORAGE/runs" | tee "$STORAGE/job.log"
-status=$("$VENV/bin/ray" job status --address http://127.0.0.1:8265 "raylens-check-$$" | tail -1)
-echo "$status"
-grep -q "SUCCEEDED" <<< "$status"
+  "$VENV/bin/python" sft_adamw.py --toy --trials "$TRIALS" --storage "$STORAGE/runs" 2>&1 \
+  | tee "$STORAGE/job.log"
+grep -q "Job 'raylens-check-$$' succeeded" "$STORAGE/job.log"
 grep -q "^| \* |" "$STORAGE/job.log"
 echo "ray job submit: toy sweep SUCCEEDED"

@@ -122,8 +122,10 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tm
 
     from raylens.search import demo_sweep, optuna_front, paths
 
-    args = ["--name", "killed", "--trials", "4", "--storage", str(tmp_path / "runs")]
-    sweep = demo_sweep(storage=str(tmp_path / "runs"), name="killed", num_trials=4)
+    args = ["--name", "killed", "--trials", "4", "--storage", str(tmp_path / "runs"),
+            "--set", "data.num_examples=256"]
+    sweep = demo_sweep(storage=str(tmp_path / "runs"), name="killed", num_trials=4,
+                       overrides={"data.num_examples": 256})
     trials = paths(sweep).trials
     driver = _demo(args, tmp_path)
     deadline = time.monotonic() + 600
