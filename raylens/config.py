@@ -541,7 +541,7 @@ def replace(config: Any, overrides: dict[str, Any]) -> Any:
 __all__ = [
     "TOY", "EVAL_TASKS", "ConfigError", "ModelConfig", "LensConfig", "DataConfig", "LossConfig", "OptimConfig",
     "ModeConfig", "BatchConfig", "ScalingConfig", "EvalConfig", "AttackConfig", "TrackingConfig",
-    "UnlearnConfig", "ToyWorldConfig", "SweepConfig", "to_flat", "from_flat", "replace", "RECIPES",
+    "UnlearnConfig", "ToyWorldConfig", "SweepConfig", "to_flat", "from_flat", "replace", "RECIPES", "SEED_SETUP",
     "ALL_LINEAR_NEOX", "recipe",
 ]
 
@@ -567,6 +567,20 @@ RECIPES: dict[str, dict[str, Any]] = {
                  "batch.epochs": 2},
 }
 """Base settings of the seed log's recipes, as flat overrides of ``UnlearnConfig``."""
+
+
+SEED_SETUP: dict[str, Any] = {
+    "model.name_or_path": "EleutherAI/deep-ignorance-unfiltered", "model.dtype": "bfloat16",
+    "model.gradient_checkpointing": True,
+    "lens.name_or_path": "EleutherAI/deep-ignorance-unfiltered-lens",
+    "data.forget": "Unlearning/WMDP-Bio-Remove-Dataset",
+    "data.retain": "EleutherAI/wikitext_document_level",
+    "loss.target_layers": (5, 10, 15, 20, 25, 30), "batch.global_batch": 32, "batch.epochs": 1,
+    "scaling.use_gpu": True, "eval.tasks": ("wmdp_bio_robust", "mmlu"), "eval.subset": 0.25,
+}
+"""The seed log's real setting, shared by every recipe: model, lens, corpora, target layers,
+global batch, GPUs, and WMDP-Bio-Robust + MMLU on a 0.25 subset during search. The sweep files
+add each recipe's examples, coefficients, learning rates and workers."""
 
 
 def recipe(name: str, overrides: dict[str, Any] | None = None) -> UnlearnConfig:

@@ -8,21 +8,13 @@ a collapsed MMLU, negative "L2" losses from a bad reduction, or failed saves).
 
 import sys
 
-from raylens.config import SweepConfig, recipe, replace
+from raylens.config import SEED_SETUP, SweepConfig, recipe, replace
 from raylens.search import sweep_main
 
-REAL_BASE = recipe("sft_muon", {
-    "model.name_or_path": "EleutherAI/deep-ignorance-unfiltered", "model.dtype": "bfloat16",
-    "model.gradient_checkpointing": True,
-    "lens.name_or_path": "EleutherAI/deep-ignorance-unfiltered-lens",
-    "data.forget": "Unlearning/WMDP-Bio-Remove-Dataset",
-    "data.retain": "EleutherAI/wikitext_document_level",
-    "data.num_examples": 1024, "batch.epochs": 1, "batch.global_batch": 32,
-    "batch.per_device_batch": 1, "loss.target_layers": (5, 10, 15, 20, 25, 30),
-    "loss.retain_coef": 20.0, "loss.remove_coef": 5.0, "optim.muon_lr": 0.02,
-    "optim.adam_lr": 3e-4, "scaling.num_workers": 8, "scaling.use_gpu": True,
-    "scaling.checkpoint_every": 8, "eval.tasks": ("wmdp_bio_robust", "mmlu"),
-    "eval.subset": 0.25,
+REAL_BASE = recipe("sft_muon", {**SEED_SETUP,
+    "data.num_examples": 1024, "batch.per_device_batch": 1, "loss.retain_coef": 20.0,
+    "loss.remove_coef": 5.0, "optim.muon_lr": 0.02, "optim.adam_lr": 3e-4,
+    "scaling.num_workers": 8, "scaling.checkpoint_every": 8,
 })
 REAL = SweepConfig(
     name="fsdp2_muon", base=REAL_BASE,

@@ -10,21 +10,14 @@ the two coefficients and the lr around it on a log scale.
 
 import sys
 
-from raylens.config import SweepConfig, recipe, replace
+from raylens.config import SEED_SETUP, SweepConfig, recipe, replace
 from raylens.search import sweep_main
 
-REAL_BASE = recipe("lora_adamw", {
-    "model.name_or_path": "EleutherAI/deep-ignorance-unfiltered", "model.dtype": "bfloat16",
-    "model.gradient_checkpointing": True,
-    "lens.name_or_path": "EleutherAI/deep-ignorance-unfiltered-lens",
-    "data.forget": "Unlearning/WMDP-Bio-Remove-Dataset",
-    "data.retain": "EleutherAI/wikitext_document_level",
-    "data.num_examples": 8192, "batch.epochs": 1, "batch.global_batch": 32,
-    "batch.per_device_batch": 4, "loss.target_layers": (5, 10, 15, 20, 25, 30),
-    "loss.retain_coef": 5.0, "loss.remove_coef": 5.0, "optim.lr": 1e-3,
+REAL_BASE = recipe("lora_adamw", {**SEED_SETUP,
+    "data.num_examples": 8192, "batch.per_device_batch": 4, "loss.retain_coef": 5.0,
+    "loss.remove_coef": 5.0, "optim.lr": 1e-3,
     "mode.lora_target_modules": None,  # PEFT's default for GPT-NeoX, as in the seed
-    "scaling.num_workers": 4, "scaling.use_gpu": True, "scaling.checkpoint_every": 64,
-    "eval.tasks": ("wmdp_bio_robust", "mmlu"), "eval.subset": 0.25,
+    "scaling.num_workers": 4, "scaling.checkpoint_every": 64,
 })
 REAL = SweepConfig(
     name="lora_adamw", base=REAL_BASE,

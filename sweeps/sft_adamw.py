@@ -10,21 +10,13 @@ unchanged models. Here Optuna searches all three on a log scale against both obj
 
 import sys
 
-from raylens.config import SweepConfig, recipe
+from raylens.config import SEED_SETUP, SweepConfig, recipe
 from raylens.search import demo_sweep, sweep_main
 
-REAL_BASE = recipe("sft_adamw", {
-    "model.name_or_path": "EleutherAI/deep-ignorance-unfiltered", "model.dtype": "bfloat16",
-    "model.gradient_checkpointing": True,
-    "lens.name_or_path": "EleutherAI/deep-ignorance-unfiltered-lens",
-    "data.forget": "Unlearning/WMDP-Bio-Remove-Dataset",
-    "data.retain": "EleutherAI/wikitext_document_level",
-    "data.num_examples": 1024, "batch.epochs": 1, "batch.global_batch": 32,
-    "batch.per_device_batch": 2, "loss.target_layers": (5, 10, 15, 20, 25, 30),
-    "loss.retain_coef": 200.0, "loss.remove_coef": 1.0, "optim.lr": 5e-4,
-    "optim.warmup_ratio": 0.5, "scaling.num_workers": 4, "scaling.use_gpu": True,
-    "scaling.checkpoint_every": 8, "eval.tasks": ("wmdp_bio_robust", "mmlu"),
-    "eval.subset": 0.25,
+REAL_BASE = recipe("sft_adamw", {**SEED_SETUP,
+    "data.num_examples": 1024, "batch.per_device_batch": 2, "loss.retain_coef": 200.0,
+    "loss.remove_coef": 1.0, "optim.lr": 5e-4, "optim.warmup_ratio": 0.5,
+    "scaling.num_workers": 4, "scaling.checkpoint_every": 8,
 })
 REAL = SweepConfig(
     name="sft_adamw", base=REAL_BASE,
