@@ -23,7 +23,7 @@ from pathlib import Path
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from raylens.config import SweepConfig, UnlearnConfig, from_flat, replace, to_flat
+from raylens.config import SweepConfig, replace, to_flat
 from raylens.train import fit_on_ray
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
@@ -92,12 +92,11 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return sorted((r for r in feasible if not dominated(r)), key=lambda r: (r["wmdp"], -r["mmlu"]))
 
 
-def _trial(params: dict, *, sweep_flat: dict, sweep_meta: dict, toyworld: str | None) -> None:
+def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None) -> None:
     """One trial (a Tune function trainable): base config + sampled settings -> Ray Train run ->
     objectives. Every value reported is also written to ``trials/<id>/result.json``."""
     import ray.tune
 
-    sweep = _sweep_from(sweep_flat, sweep_meta)
     config = replace(sweep.base, params)
     trial_id = ray.tune.get_context().get_trial_id()
     where = paths(sweep)
@@ -118,17 +117,6 @@ def _trial(params: dict, *, sweep_flat: dict, sweep_meta: dict, toyworld: str | 
               **{f"acc/{task}": s["acc"] for task, s in report["eval"].items()}}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     ray.tune.report(result)
-
-
-def _sweep_meta(sweep: SweepConfig) -> dict:
-    """The sweep's own fields, JSON-safe (``_trial`` runs in another process)."""
-    return {f.name: getattr(sweep, f.name) for f in dataclasses.fields(sweep)
-            if f.name not in ("base", "space")} | {"space": {k: list(v) for k, v in sweep.space.items()}}
-
-
-def _sweep_from(base_flat: dict, meta: dict) -> SweepConfig:
-    space = {k: tuple(v) for k, v in meta["space"].items()}
-    return SweepConfig(**{**meta, "space": space, "base": from_flat(UnlearnConfig, base_flat)})
 
 
 def _tune_space(space: dict[str, tuple]) -> dict:
@@ -231,8 +219,7 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print) ->
         raise RuntimeError(f"the Ray cluster offers no {DRIVER_RESOURCE} resource: start it with "
                            f"--resources='{{\"{DRIVER_RESOURCE}\": N}}' (N trials at once)")
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep_flat=to_flat(sweep.base), sweep_meta=_sweep_meta(sweep),
-                             toyworld=str(toyworld) if toyworld else None),
+        tune.with_parameters(_trial, sweep=sweep, toyworld=str(toyworld) if toyworld else None),
         {DRIVER_RESOURCE: 1})
     experiment = where.tune / sweep.name
     if tune.Tuner.can_restore(str(experiment)):
