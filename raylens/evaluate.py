@@ -164,6 +164,12 @@ class Question:
     choices: tuple[tuple[int, ...], ...]
     gold: int
 
+    @property
+    def packed_length(self) -> int:
+        """Tokens of the packed sequence ``_pack`` builds: the context, then every choice but its
+        last token."""
+        return len(self.context) + sum(len(c) - 1 for c in self.choices)
+
 
 def _leaf_tasks(task_dict) -> dict:
     """``{name: Task}`` of lm-eval's (possibly nested, for groups) task dict."""
@@ -332,7 +338,7 @@ def choice_logliks(model, questions: list[Question], *, batch_size: int = 32,
     root, body, unembed = _backbone(model)
     device = device or next(unembed.parameters()).device
     packed = [_pack(q) for q in questions]
-    order = sorted(range(len(questions)), key=lambda i: -len(packed[i][0]))
+    order = sorted(range(len(questions)), key=lambda i: -questions[i].packed_length)
     results: list[list[float] | None] = [None] * len(questions)
     was_training = model.training
     model.eval()
@@ -393,7 +399,7 @@ def shard(questions: list[Question], rank: int, world: int) -> list[int]:
     """Indices of the questions rank ``rank`` of ``world`` scores: dealt round-robin by packed
     length (balanced work), padded by repeating the last one so every rank runs the same number
     of batches (FSDP2 forwards are collective)."""
-    by_length = sorted(range(len(questions)), key=lambda i: len(_pack(questions[i])[0]))
+    by_length = sorted(range(len(questions)), key=lambda i: questions[i].packed_length)
     mine = by_length[rank::world]
     per_rank = -(-len(questions) // world)
     return mine + [mine[-1] if mine else by_length[0]] * (per_rank - len(mine))
