@@ -24,6 +24,7 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 test-slow: install
+	$(PY) -m pip install --quiet -e ".[test,ui-test]"
 	$(VENV)/bin/python -m pytest -q -m slow
 
 bench: install

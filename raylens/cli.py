@@ -9,6 +9,9 @@
     raylens unlearn --recipe R [--set key=value ...] [--workers N | --gpus N] --out DIR [--resume]
                                       one unlearning run: eval before, train, export, eval after;
                                       --resume continues an interrupted run from its checkpoint
+    raylens report EXPERIMENT [--format md|csv|json]
+                                      a sweep's table in the seed log's shape, from MLflow alone
+    raylens ui [--port P]             the MLflow UI of the local store on 127.0.0.1
 
 Bad arguments are reported before any compute, naming the option, the value and what is allowed.
 """
@@ -73,6 +76,10 @@ def cmd_demo(args) -> int:
           "* = Pareto front (feasible, undominated)")
     print(front_table(rows, sweep))
     print(compare_to_base(rows, sweep))
+    if sweep.base.tracking.enabled:
+        print(f"MLflow ({_tracking_uri(sweep.base.tracking.tracking_uri)}), experiment {name}: "
+              f"`raylens ui` to browse it, `raylens report {name}` for the table; the Pareto "
+              f"plot is on run {name} under pareto/")
     print(f"rerun with --name {name} to resume this sweep")
     return 0 if any(r["pareto"] for r in rows) else 1
 
@@ -149,6 +156,7 @@ def _results_table(before: dict, after: dict, in_trial: dict) -> str:
 
 def cmd_unlearn(args) -> int:
     from raylens import toyworld as tw
+    from raylens import tracking
     from raylens.config import TOY, recipe, to_flat
     from raylens.evaluate import hf_lm, run_lm_eval
     from raylens.model import load_model
@@ -195,35 +203,99 @@ def cmd_unlearn(args) -> int:
         lm = hf_lm(model, tokenizer, config.eval.batch_size)
         return run_lm_eval(lm, config.eval.tasks, toyworld=toyworld)
 
-    before = score(*load_model(config.model, toyworld))
-    start = time.perf_counter()
-    if on_ray:
-        # Ray keeps the checkpoints under out/ray/unlearn; the same call again resumes there
-        report = fit_on_ray(config, out=out, storage_path=(out / "ray").resolve(),
-                            toyworld=toyworld)
-        if report["eval_error"]:
-            raise EvalError(report["eval_error"])
-        folder, num_steps, in_trial = out / "model", report["num_steps"], report["eval"]
-        model, tokenizer = load_model(replace(config.model, name_or_path=str(folder)))
-    else:
-        store = FolderCheckpoints(out / "checkpoints", keep=config.scaling.keep_checkpoints)
-        result = train(config, toyworld=toyworld, checkpoints=store)
-        in_trial = evaluate_live(result.model, result.tokenizer, config.eval, toyworld)
-        folder, num_steps = save_run(result, config, out), len(result.history)
-        model, tokenizer = result.model, result.tokenizer
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the export supersedes them
-    train_s = time.perf_counter() - start
-    after = score(model, tokenizer)
-    for scores in in_trial.values():
-        scores.pop("predictions")
-    summary = {"before": before, "after": after, "in_trial": in_trial,
-               "train_s": round(train_s, 1),
-               "model": str(folder), "workers": config.scaling.num_workers}
-    (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    tracker, run_id = tracking.unlearn_run(config, out) if config.tracking.enabled else (None,
+                                                                                       None)
+    try:
+        before = score(*load_model(config.model, toyworld))
+        start = time.perf_counter()
+        if on_ray:
+            # Ray keeps the checkpoints under out/ray/unlearn; the same call again resumes there
+            report = fit_on_ray(config, out=out, storage_path=(out / "ray").resolve(),
+                                toyworld=toyworld,
+                                mlflow_run=(tracker.uri, run_id) if tracker else None)
+            if report["eval_error"]:
+                raise EvalError(report["eval_error"])
+            folder, num_steps, in_trial = out / "model", report["num_steps"], report["eval"]
+            model, tokenizer = load_model(replace(config.model, name_or_path=str(folder)))
+        else:
+            store = FolderCheckpoints(out / "checkpoints", keep=config.scaling.keep_checkpoints)
+            steps = tracking.StepLogger(tracker.uri, run_id) if tracker else None
+            try:
+                result = train(config, toyworld=toyworld, checkpoints=store, on_step=steps)
+            finally:
+                if steps:
+                    steps.flush()
+            in_trial = evaluate_live(result.model, result.tokenizer, config.eval, toyworld)
+            folder, num_steps = save_run(result, config, out), len(result.history)
+            model, tokenizer = result.model, result.tokenizer
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the export supersedes them
+        train_s = time.perf_counter() - start
+        after = score(model, tokenizer)
+        for scores in in_trial.values():
+            scores.pop("predictions")
+        summary = {"before": before, "after": after, "in_trial": in_trial,
+                   "train_s": round(train_s, 1),
+                   "model": str(folder), "workers": config.scaling.num_workers}
+        (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+        if tracker:
+            tracking.record_unlearn(tracker, run_id, summary, out, config.tracking.max_model_mb)
+    except Exception as exc:  # the run is in MLflow either way, with why it stopped
+        if tracker:
+            tracking.record_failure(tracker, run_id, exc)
+        raise
     print(f"trained {num_steps} steps on {config.scaling.num_workers} worker(s) in {train_s:.1f} s; "
           f"model exported to {folder}")
     print(_results_table(before, after, in_trial))
     return 0
+
+
+def _tracking_uri(uri: str | None) -> str:
+    from raylens.config import TrackingConfig
+    from raylens.tracking import resolve_uri
+
+    return resolve_uri(TrackingConfig(tracking_uri=uri))
+
+
+def cmd_report(args) -> int:
+    """A sweep's table, in the seed log's shape, from MLflow alone."""
+    from mlflow.tracking import MlflowClient
+
+    from raylens.tracking import report
+
+    uri = _tracking_uri(args.uri)
+    try:
+        text = report(MlflowClient(uri), args.experiment, args.format)
+    except ValueError as exc:
+        print(f"raylens: error: {exc}", file=sys.stderr)
+        return 2
+    if args.output:
+        Path(args.output).write_text(text if text.endswith("\n") else text + "\n")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    """The MLflow UI on 127.0.0.1 over the local store (a server's URI is already the UI)."""
+    import subprocess
+
+    uri = _tracking_uri(args.uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"{uri} is an MLflow server: open it in a browser (on a cluster, through the SSH "
+              "tunnel cluster.yaml describes)")
+        return 0
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        print(f"raylens: error: no MLflow store at {uri}: run a sweep here first or pass --uri",
+              file=sys.stderr)
+        return 2
+    print(f"MLflow UI of {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the interrupted run in --out from its last checkpoint")
     seed_option(un)
     un.set_defaults(func=cmd_unlearn)
+
+    rep = sub.add_parser("report", help="a sweep's results table from MLflow (seed-log shape)")
+    rep.add_argument("experiment", help="MLflow experiment: the sweep's name")
+    rep.add_argument("--uri", default=None, help="tracking URI (default $MLFLOW_TRACKING_URI "
+                     "or sqlite:///raylens-mlflow.db here)")
+    rep.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    rep.add_argument("--output", default=None, help="write to this file instead of printing")
+    rep.set_defaults(func=cmd_report)
+
+    ui = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1")
+    ui.add_argument("--uri", default=None, help="tracking URI (default as for report)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -345,19 +345,34 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """Where runs are recorded."""
+    """Where runs are recorded in MLflow, and how much of each run is copied there."""
 
     _section: ClassVar[str] = "tracking"
-    tracking_uri: str = "sqlite:///raylens-mlflow.db"
-    """MLflow tracking URI: a sqlite file here, the cluster's MLflow server there."""
+    enabled: bool = True
+    """Record runs in MLflow (sweeps: a parent run and one nested run per trial)."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; None: ``$MLFLOW_TRACKING_URI`` if set (``cluster.yaml`` points it at
+    the head node's MLflow server), else ``sqlite:///raylens-mlflow.db`` in the working
+    directory."""
     artifact_location: str = "raylens-artifacts"
-    """Folder (or URI) for MLflow artifacts of new experiments."""
+    """Folder for the artifacts of experiments created in a local (sqlite or file) store; a
+    server stores them where it was told (``--artifacts-destination``)."""
     experiment: str = "raylens"
-    """MLflow experiment name."""
+    """MLflow experiment of single runs; a sweep's experiment is the sweep's name."""
+    max_model_mb: float = 512.0
+    """An exported model or adapter up to this size is copied into the run's artifacts; a larger
+    one is recorded by path (tag ``model_path``), since checkpoints of 7B models do not belong in
+    a tracking store."""
 
     def __post_init__(self) -> None:
-        for name in ("tracking_uri", "artifact_location", "experiment"):
-            _check_text(self._section, name, getattr(self, name))
+        s = self._section
+        if not isinstance(self.enabled, bool):
+            _fail(s, "enabled", self.enabled, "true or false")
+        if self.tracking_uri is not None:
+            _check_text(s, "tracking_uri", self.tracking_uri)
+        for name in ("artifact_location", "experiment"):
+            _check_text(s, name, getattr(self, name))
+        _check_nonneg(s, "max_model_mb", self.max_model_mb)
 
 
 @dataclass(frozen=True)
@@ -620,6 +635,9 @@ class SweepConfig:
     """Seed of the sampler."""
     evaluate_base_first: bool = True
     """Run the base config as the first trial: the hand-tuned point the search must beat."""
+    evaluate_baseline: bool = True
+    """Score the unmodified model once (kept in the sweep folder): the baseline row of reports
+    and the star on the Pareto plot."""
     max_concurrent: int | None = None
     """Trials at once; None: as many as the cluster's CPUs (or GPUs) fit."""
     storage: str = "raylens-runs"
@@ -646,6 +664,8 @@ class SweepConfig:
             if spec[0] == "choice":
                 if len(spec) != 2 or not isinstance(spec[1], (list, tuple)) or not spec[1]:
                     _fail(s, f"space[{key!r}]", spec, "('choice', [value, ...])")
+                for value in spec[1]:  # every choice must be a valid setting
+                    replace(self.base, {key: value})
                 continue
             ok = len(spec) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                         for v in spec[1:]) and spec[1] < spec[2]
@@ -661,6 +681,9 @@ class SweepConfig:
         _check_fraction(s, "retain_floor", self.retain_floor)
         _check_positive(s, "num_trials", self.num_trials, integer=True)
         _check_choice(s, "sampler", self.sampler, ("tpe", "nsga2"))
+        for name in ("evaluate_base_first", "evaluate_baseline"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(s, name, getattr(self, name), "true or false")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail(s, "seed", self.seed, "an integer")
         if self.max_concurrent is not None:

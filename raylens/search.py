@@ -21,10 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from raylens.config import SweepConfig, replace, to_flat
-from raylens.train import fit_on_ray
+from raylens.tracking import (
+    Tracker, fail_open_trial, finish_sweep, pareto_front, record_failure, record_trial,
+    start_sweep, trial_run, update_front,
+)
+from raylens.train import evaluate_base, fit_on_ray
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
 """Custom resource a trial's driver holds (one per trial): clusters declare how many trials run
@@ -80,21 +85,12 @@ def objectives(report: dict, sweep: SweepConfig) -> dict:
             "infeasible": reason, "constraint": constraint}
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """The feasible rows no other feasible row dominates (lower ``wmdp`` and higher ``mmlu``,
-    one strictly), sorted by ``wmdp``."""
-    feasible = [r for r in rows if r["feasible"]]
-
-    def dominated(r):
-        return any(o["wmdp"] <= r["wmdp"] and o["mmlu"] >= r["mmlu"]
-                   and (o["wmdp"] < r["wmdp"] or o["mmlu"] > r["mmlu"]) for o in feasible)
-
-    return sorted((r for r in feasible if not dominated(r)), key=lambda r: (r["wmdp"], -r["mmlu"]))
-
-
-def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None) -> None:
+def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
+           tracker: Tracker | None = None) -> None:
     """One trial (a Tune function trainable): base config + sampled settings -> Ray Train run ->
-    objectives. Every value reported is also written to ``trials/<id>/result.json``."""
+    objectives. Every value reported is also written to ``trials/<id>/result.json``; with a
+    ``tracker`` the trial is a nested MLflow run (step curves from rank 0, eval metrics,
+    artifacts), marked failed with the reason if anything raises."""
     import ray.tune
 
     config = replace(sweep.base, params)
@@ -107,16 +103,56 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None) -> None:
         if all(result.get(f"param/{k}") == v for k, v in params.items()):
             ray.tune.report(result)
             return
-    report = fit_on_ray(config, out=out, storage_path=where.train, name=trial_id,
-                        toyworld=Path(toyworld) if toyworld else None)
-    if report["eval_error"]:
-        raise RuntimeError(f"evaluation failed: {report['eval_error']}")
-    result = {**objectives(report, sweep), **{f"param/{k}": v for k, v in params.items()},
-              "retain_loss": report["retain_loss"], "forget_loss": report["forget_loss"],
-              "num_steps": report["num_steps"], "trial_dir": str(out),
-              **{f"acc/{task}": s["acc"] for task, s in report["eval"].items()}}
+    run_id = trial_run(tracker, trial_id, config) if tracker else None
+    try:
+        report = fit_on_ray(config, out=out, storage_path=where.train, name=trial_id,
+                            toyworld=Path(toyworld) if toyworld else None,
+                            mlflow_run=(tracker.uri, run_id) if tracker else None)
+        if report["eval_error"]:
+            raise RuntimeError(f"evaluation failed: {report['eval_error']}")
+        result = {**objectives(report, sweep), **{f"param/{k}": v for k, v in params.items()},
+                  "retain_loss": report["retain_loss"], "forget_loss": report["forget_loss"],
+                  "num_steps": report["num_steps"], "trial_dir": str(out),
+                  **{f"acc/{task}": s["acc"] for task, s in report["eval"].items()}}
+        if tracker:
+            record_trial(tracker, run_id, report=report, result=result, out=out,
+                         max_model_mb=config.tracking.max_model_mb)
+    except Exception as exc:
+        if tracker:
+            record_failure(tracker, run_id, exc)
+        raise
     (out / "result.json").write_text(json.dumps(result, indent=1))
     ray.tune.report(result)
+
+
+class _FrontCallback(Callback):
+    """Tune callback on the driver: after each finished trial, re-tag the Pareto front in MLflow
+    and redraw its plot; a trial whose process died before it could record is marked failed
+    with Tune's error."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        update_front(self.tracker)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        fail_open_trial(self.tracker, trial.trial_id, str(trial.get_error() or "trial errored"))
+        update_front(self.tracker)
+
+
+def baseline(sweep: SweepConfig, toyworld: Path | None = None) -> dict:
+    """The unmodified model's scores on the sweep's eval tasks (``train.evaluate_base`` in a Ray
+    task, on a GPU when trials use GPUs), computed once and kept in ``<sweep>/baseline.json``."""
+    import ray
+
+    path = paths(sweep).root / "baseline.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    task = ray.remote(num_cpus=1, num_gpus=1 if sweep.base.scaling.use_gpu else 0)(evaluate_base)
+    scores = ray.get(task.remote(sweep.base, toyworld))
+    path.write_text(json.dumps(scores, indent=1))
+    return scores
 
 
 def _tune_space(space: dict[str, tuple]) -> dict:
@@ -218,14 +254,28 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print) ->
     if not ray.cluster_resources().get(DRIVER_RESOURCE):
         raise RuntimeError(f"the Ray cluster offers no {DRIVER_RESOURCE} resource: start it with "
                            f"--resources='{{\"{DRIVER_RESOURCE}\": N}}' (N trials at once)")
+    tracker = None
+    if sweep.base.tracking.enabled:
+        scores = None
+        if sweep.evaluate_baseline:
+            try:
+                scores = baseline(sweep, toyworld)
+            except Exception as exc:  # the sweep still runs; reports show no baseline row values
+                log(f"baseline evaluation failed, continuing without it: {exc}")
+        tracker = start_sweep(sweep, scores)
+        log(f"MLflow: experiment {sweep.name} at {tracker.uri} (sweep run "
+            f"{tracker.parent_run_id})")
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep=sweep, toyworld=str(toyworld) if toyworld else None),
+        tune.with_parameters(_trial, sweep=sweep, toyworld=str(toyworld) if toyworld else None,
+                             tracker=tracker),
         {DRIVER_RESOURCE: 1})
+    callbacks = [_FrontCallback(tracker)] if tracker else []
     experiment = where.tune / sweep.name
     if tune.Tuner.can_restore(str(experiment)):
         failed = fail_orphaned_trials(study_url, sweep.name)
         log(f"resuming sweep {sweep.name} from {experiment} ({failed} orphaned Optuna trials "
             "marked failed)")
+        # the callbacks come back with the experiment (the same parent run, reopened above)
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     else:
         log(f"sweep {sweep.name}: {sweep.num_trials} trials, up to {concurrency} at once, "
@@ -237,9 +287,17 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print) ->
                                         max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(where.tune),
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      verbose=0),
+                                      callbacks=callbacks, verbose=0),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        if tracker:
+            finish_sweep(tracker, "FAILED")
+        raise
+    if tracker:
+        update_front(tracker)
+        finish_sweep(tracker)
     rows = []
     for result in grid:
         metrics = result.metrics or {}

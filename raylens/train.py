@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from raylens.model import (
     load_tokenizer, resolve_target_layers, shard_fsdp2,
 )
 from raylens.optim import build_optimizers, build_schedulers
+from raylens.tracking import STEP_METRICS, StepLogger
 
 
 @dataclass
@@ -89,8 +91,18 @@ def evaluate_live(model, tokenizer, ev: EvalConfig,
             merged = dict(pair for part in parts for pair in part)
             logliks = [merged[i] for i in range(len(qs))]
         results[task] = {**accuracy(qs, logliks), "subset": ev.subset,
+                         "chance": sum(1 / len(q.choices) for q in qs) / len(qs),
                          "predictions": predictions(logliks)}
     return results
+
+
+def evaluate_base(config: UnlearnConfig, toyworld: Path | None = None) -> dict[str, dict]:
+    """The unmodified model scored as every trial is (fast scorer, same tasks and subset):
+    ``{task: {"acc", "acc_stderr", "n", "chance"}}``, the baseline a sweep is compared with."""
+    model, tokenizer = load_model(config.model, toyworld)
+    model = model.to(_device(config)).eval()
+    scores = evaluate_live(model, tokenizer, config.eval, toyworld)
+    return {task: {k: v for k, v in s.items() if k != "predictions"} for task, s in scores.items()}
 
 
 def prepare(config: UnlearnConfig, toyworld: Path | None = None):
@@ -463,6 +475,28 @@ def _peak_memory_mb(use_gpu: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
+class RayStepMetrics:
+    """Each step's record as Prometheus gauges through ``ray.util.metrics``: Ray exports them
+    as ``ray_raylens_<name>`` tagged with ``run`` (the Ray Train run name: the trial id), which
+    the Grafana dashboard in ``dashboards/`` plots beside Ray's own metrics."""
+
+    NAMES = ("step", *STEP_METRICS)
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {name: Gauge(f"raylens_{name}", tag_keys=("run",),
+                                   description=f"raylens training: {name} of the latest step")
+                       for name in self.NAMES}
+
+    def __call__(self, record: dict) -> None:
+        for name, gauge in self.gauges.items():
+            value = record.get(name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                gauge.set(float(value), tags=self.tags)
+
+
 def _ray_worker(loop_config: dict) -> None:
     """One Ray Train worker: train (resuming from Ray's latest checkpoint, if any), check that
     every rank holds the same weights, export on rank 0, report the last step's metrics."""
@@ -471,8 +505,17 @@ def _ray_worker(loop_config: dict) -> None:
     config = from_flat(UnlearnConfig, loop_config["config"])
     toyworld = Path(loop_config["toyworld"]) if loop_config["toyworld"] else None
     rank, world = _rank_and_world()
-    result = train(config, toyworld=toyworld, log=print if rank == 0 else (lambda *_: None),
-                   checkpoints=RayCheckpoints())
+    on_step = [RayStepMetrics(loop_config["name"])] if rank == 0 else []
+    if rank == 0 and loop_config.get("mlflow"):
+        on_step.append(StepLogger(*loop_config["mlflow"]))
+    try:
+        result = train(config, toyworld=toyworld, log=print if rank == 0 else (lambda *_: None),
+                       checkpoints=RayCheckpoints(),
+                       on_step=lambda record: [f(record) for f in on_step])
+    finally:  # the curve up to a crash is kept; a restart skips the steps already logged
+        for f in on_step:
+            if isinstance(f, StepLogger):
+                f.flush()
     scores, eval_error = None, None
     if loop_config.get("evaluate"):
         try:  # on the live (sharded) model: no export/reload round trip
@@ -513,14 +556,15 @@ def _ray_worker(loop_config: dict) -> None:
 
 def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
                toyworld: Path | None = None, name: str = "unlearn",
-               evaluate: bool = True) -> dict:
+               evaluate: bool = True, mlflow_run: tuple[str, str] | None = None) -> dict:
     """Run ``train`` as ``scaling.num_workers`` Ray Train workers (gloo on CPU, NCCL on GPUs);
     rank 0 exports to ``out`` with ``history.jsonl`` and ``train_report.json`` (the last step's
     metrics, every rank's parameter digest and memory, the step it resumed from, and with
     ``evaluate`` the fast scorer's results on the live model or the error that stopped it),
     which this returns. Checkpoints go to ``storage_path/name``: a failed worker group is restarted from the
     last one up to ``scaling.max_failures`` times, and a new call with the same ``name`` and
-    ``storage_path`` continues an interrupted run."""
+    ``storage_path`` continues an interrupted run. ``mlflow_run``: ``(tracking uri, run id)``
+    that rank 0 logs each step's metrics to; every run exports them to Ray's Prometheus metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -529,7 +573,8 @@ def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": to_flat(config), "out": str(out), "evaluate": evaluate,
-                           "toyworld": str(toyworld) if toyworld else None},
+                           "toyworld": str(toyworld) if toyworld else None, "name": name,
+                           "mlflow": list(mlflow_run) if mlflow_run else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=RayScalingConfig(num_workers=config.scaling.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(

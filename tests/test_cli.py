@@ -64,6 +64,19 @@ def test_unlearn_runs_evaluates_and_exports(world, tmp_path):
     assert config["loss.retain_coef"] == 2.0 and config["optim.name"] == "muon"
     assert (tmp_path / "run" / "model" / "config.json").exists()
     assert "| toy_wmdp |" in out.stdout
+    # recorded in MLflow in the working directory: params, the step curve, evals, the model
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'raylens-mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raylens").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.params["optim.name"] == "muon" and run.data.params["loss.retain_coef"] == "2.0"
+    history = client.get_metric_history(run.info.run_id, "train/retain_loss")
+    records = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").open()]
+    assert [(m.step, m.value) for m in history] == [(r["step"], r["retain_loss"]) for r in records]
+    assert run.data.metrics["after/toy_wmdp"] == results["after"]["toy_wmdp"]["acc"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.json", "config.json", "history.jsonl", "model"} <= artifacts
 
 
 @pytest.mark.parametrize(

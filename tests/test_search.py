@@ -100,7 +100,9 @@ def test_cluster_yaml_validates_offline_with_rays_own_schema():
     validate_config(prepare_config(config))
     start = " ".join(config["head_start_ray_commands"])
     assert '"TRAIN_DRIVER": 4' in start and "--dashboard-host=127.0.0.1" in start
-    assert "mlflow server --host 127.0.0.1" in start
+    head = config["provider"]["head_ip"]  # every node's trials log to the head's MLflow server
+    assert f"mlflow server --host {head}" in start
+    assert f"MLFLOW_TRACKING_URI=http://{head}:5000" in " ".join(config["setup_commands"])
     assert config["provider"]["type"] == "local" and len(config["provider"]["worker_ips"]) == 3
     broken = dict(config, max_wrokers=3)
     with pytest.raises(Exception, match="max_wrokers"):
@@ -108,7 +110,8 @@ def test_cluster_yaml_validates_offline_with_rays_own_schema():
 
 
 def _demo(args, cwd, **kwargs):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_ADDRESS"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "RAY_ADDRESS", "MLFLOW_"))}
     return subprocess.Popen([sys.executable, "-m", "raylens.cli", "demo", *args], cwd=cwd,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kwargs)
@@ -162,6 +165,37 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tm
     assert optuna_front(sweep) == tune_front
     pareto_lines = [line for line in table if line.startswith("| * |")]
     assert len(pareto_lines) == len(tune_front) >= 1
+    _check_mlflow(tmp_path / "raylens-mlflow.db", results, optuna_front(sweep))
+
+
+def _check_mlflow(db: Path, results: dict, optuna_best: list[str]) -> None:
+    """After the killed and resumed demo, MLflow holds the sweep run and one finished nested run
+    per trial with its params, one point per step (the rerun trial logged no step twice), eval
+    metrics equal to the trial's results, artifacts, and pareto=true exactly on Optuna's best
+    trials; the report rebuilt from MLflow has one row per trial, the front marked."""
+    from mlflow.tracking import MlflowClient
+
+    from raylens.tracking import report, trial_rows
+
+    client = MlflowClient(f"sqlite:///{db}")
+    parent, rows = trial_rows(client, "killed")
+    assert client.get_run(parent["run_id"]).info.status == "FINISHED"
+    assert parent["metrics"]["baseline/toy_wmdp"] == 1.0  # the toy world's main model
+    assert sorted(r["trial_id"] for r in rows) == sorted(results)
+    for row in rows:
+        result = results[row["trial_id"]]
+        assert client.get_run(row["run_id"]).info.status == "FINISHED"
+        assert row["params"]["optim.lr"] == str(result["param/optim.lr"])
+        assert row["metrics"]["eval/toy_wmdp"] == result["acc/toy_wmdp"] == row["wmdp"]
+        steps = [m.step for m in client.get_metric_history(row["run_id"], "train/loss")]
+        assert steps == list(range(1, result["num_steps"] + 1))
+        artifacts = {a.path for a in client.list_artifacts(row["run_id"])}
+        assert {"config.json", "history.jsonl", "eval", "model"} <= artifacts
+    assert sorted(r["trial_id"] for r in rows if r["pareto"]) == optuna_best
+    table = json.loads(report(client, "killed", "json"))["rows"]
+    assert len(table) == 1 + len(results)
+    marked = {r["notes"].split(";")[0] for r in table if r["pareto"]}
+    assert sorted(marked) == optuna_best
 
 
 @pytest.mark.slow

@@ -1,0 +1,691 @@
+"""MLflow, both sides, and the Pareto front.
+
+Write side: one experiment per sweep; a parent run for the sweep (its settings, search space,
+package versions, git commit, the base model's accuracies) and one nested run per trial (the flat
+trial config as params, step curves from rank 0, eval metrics per task, status and failure reason
+as tags, config / history / eval results / the exported model as artifacts). After every finished
+trial the front over the finished feasible trials is recomputed from MLflow, its runs tagged
+``pareto=true`` with their ``pareto_rank`` (non-dominated sorting level), and a plot (PNG and an
+HTML page) is logged on the parent run.
+
+Read side: ``trial_rows`` and ``report`` rebuild the seed log's tables from MLflow alone.
+
+MLflow has no Pareto view of its own (stack facts), hence the tags and the plot. Nothing here
+imports torch or Ray: it runs in the sweep driver, in trials and on rank 0 of a Train run.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from raylens.config import SweepConfig, TrackingConfig, UnlearnConfig, to_flat
+
+DEFAULT_URI = "sqlite:///raylens-mlflow.db"
+STEP_METRICS = ("retain_loss", "forget_loss", "retain_weight", "forget_weight", "loss", "lr",
+                "grad_norm", "tokens_per_s")
+"""Per-step records logged as ``train/<name>`` curves (the keys of ``train.train``'s records)."""
+PACKAGES = ("raylens", "torch", "ray", "transformers", "peft", "tuned-lens", "lm-eval", "optuna",
+            "mlflow")
+
+
+def resolve_uri(tracking: TrackingConfig) -> str:
+    """The tracking URI a run records to: the config's, else ``$MLFLOW_TRACKING_URI``, else a
+    sqlite file in the working directory. Local paths are made absolute, because trials and Train
+    workers run in other working directories."""
+    uri = tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif "://" not in uri:  # a plain folder: MLflow's file store
+        uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:"))
+
+
+@dataclass(frozen=True)
+class Tracker:
+    """Where a sweep records: the tracking URI, the experiment and the sweep's parent run.
+    It pickles, so it travels to trials and workers; each process opens its own client."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.uri)
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name``, created (with its artifact folder in a local store) if
+    missing."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    # without this tag MLflow 3's UI opens the experiment as a GenAI (traces) page, not runs
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _git_commit() -> tuple[str, bool]:
+    """The commit of the raylens checkout this runs from and whether it has uncommitted changes
+    (``("unknown", False)`` outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
+                               check=True, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return commit, bool(dirty.strip())
+
+
+def _log_text(client: MlflowClient, run_id: str, path: str, text: str) -> None:
+    """Write ``text`` as the artifact ``path`` (folders allowed), replacing an older version."""
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / Path(path).name
+        file.write_text(text)
+        folder = str(Path(path).parent)
+        client.log_artifact(run_id, str(file), None if folder == "." else folder)
+
+
+def _param_value(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
+def start_sweep(sweep: SweepConfig, baseline: dict | None = None) -> Tracker:
+    """Find or create the sweep's experiment (named after the sweep) and its parent run; a
+    resumed sweep reuses both. ``baseline``: the unmodified model's ``{task: {"acc", "chance",
+    ...}}``, logged as ``baseline/<task>`` and ``chance/<task>``."""
+    tracking = sweep.base.tracking
+    uri = resolve_uri(tracking)
+    client = MlflowClient(uri)
+    artifacts = (str(Path(tracking.artifact_location).resolve() / sweep.name)
+                 if _is_local(uri) else None)
+    exp = experiment_id(client, sweep.name, artifacts)
+    parents = client.search_runs([exp], "tags.role = 'sweep'", max_results=1,
+                                 order_by=["attributes.start_time ASC"])
+    if parents:
+        run_id = parents[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        if any(k.startswith("baseline/") for k in parents[0].data.metrics):
+            baseline = None  # logged when the sweep started
+    else:
+        commit, dirty = _git_commit()
+        tags = {"role": "sweep", "sweep": sweep.name, "mlflow.source.git.commit": commit,
+                "git_dirty": str(dirty).lower(), "forget_task": sweep.forget_task,
+                "retain_task": sweep.retain_task,
+                **{f"version.{k}": v for k, v in _versions().items()}}
+        run_id = client.create_run(exp, run_name=sweep.name, tags=tags).info.run_id
+        params = {"num_trials": sweep.num_trials, "forget_task": sweep.forget_task,
+                  "retain_task": sweep.retain_task, "retain_floor": sweep.retain_floor,
+                  "sampler": sweep.sampler, "seed": sweep.seed,
+                  "evaluate_base_first": sweep.evaluate_base_first,
+                  "max_concurrent": sweep.max_concurrent, "storage": sweep.storage,
+                  "eval_tasks": list(sweep.base.eval.tasks),
+                  **{f"space.{k}": list(v) for k, v in sweep.space.items()}}
+        client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        _log_text(client, run_id, "sweep.json", json.dumps(
+            {**{k: v for k, v in params.items() if not k.startswith("space.")},
+             "space": {k: list(v) for k, v in sweep.space.items()},
+             "base": to_flat(sweep.base)}, indent=1, default=str))
+        _log_text(client, run_id, "versions.json", json.dumps(_versions(), indent=1))
+    if baseline:
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"{kind}/{task}", float(scores[kind if kind == "chance" else "acc"]),
+                          now, 0)
+                   for task, scores in baseline.items() for kind in ("baseline", "chance")]
+        client.log_batch(run_id, metrics=metrics)
+    return Tracker(uri, exp, run_id)
+
+
+def finish_sweep(tracker: Tracker, status: str = "FINISHED") -> None:
+    """Close the parent run (a later resume reopens it)."""
+    tracker.client.set_terminated(tracker.parent_run_id, status)
+
+
+def trial_run(tracker: Tracker, trial_id: str, config: UnlearnConfig) -> str:
+    """The nested run of Tune trial ``trial_id``: found by its ``trial_id`` tag (a trial rerun
+    after a crash continues its run) or created with the flat trial config as params."""
+    client = tracker.client
+    found = client.search_runs([tracker.experiment_id],
+                               f"tags.trial_id = '{trial_id}' and tags.role = 'trial'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "status", "running")
+        return run_id
+    return _new_run(client, tracker.experiment_id, trial_id, config, {
+        "mlflow.parentRunId": tracker.parent_run_id, "role": "trial", "trial_id": trial_id})
+
+
+def _new_run(client: MlflowClient, experiment: str, name: str, config: UnlearnConfig,
+             tags: dict[str, str]) -> str:
+    run = client.create_run(experiment, run_name=name, tags={**tags, "status": "running"})
+    client.log_batch(run.info.run_id, params=[Param(k, _param_value(v))
+                                              for k, v in to_flat(config).items()])
+    return run.info.run_id
+
+
+def unlearn_run(config: UnlearnConfig, out: Path) -> tuple[Tracker, str]:
+    """The run of one ``raylens unlearn`` (experiment ``tracking.experiment``, named after its
+    output folder): found by its ``out_dir`` tag when ``--resume`` continues it, else created
+    with the flat config as params, the git commit and package versions as tags."""
+    tracking = config.tracking
+    uri = resolve_uri(tracking)
+    client = MlflowClient(uri)
+    artifacts = (str(Path(tracking.artifact_location).resolve() / tracking.experiment)
+                 if _is_local(uri) else None)
+    exp = experiment_id(client, tracking.experiment, artifacts)
+    folder = str(Path(out).resolve())
+    found = client.search_runs([exp], f"tags.out_dir = '{folder}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "status", "running")
+    else:
+        commit, dirty = _git_commit()
+        run_id = _new_run(client, exp, Path(folder).name, config, {
+            "role": "run", "out_dir": folder, "mlflow.source.git.commit": commit,
+            "git_dirty": str(dirty).lower(),
+            **{f"version.{k}": v for k, v in _versions().items()}})
+    return Tracker(uri, exp, run_id), run_id
+
+
+def record_unlearn(tracker: Tracker, run_id: str, summary: dict, out: Path,
+                   max_model_mb: float) -> None:
+    """Log a finished ``raylens unlearn``: lm-eval accuracy per task before and after, the
+    in-run fast scorer's, training time; its files and model as artifacts; end the run."""
+    client = tracker.client
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{stage}/{task}", float(scores["acc"]), now, 0)
+               for stage in ("before", "after", "in_trial")
+               for task, scores in summary[stage].items()]
+    metrics.append(Metric("train_s", float(summary["train_s"]), now, 0))
+    client.log_batch(run_id, metrics=metrics, tags=[RunTag("status", "ok"),
+                                                    RunTag("model_path", str(out))])
+    _log_outputs(client, run_id, out, ("results.json", "config.json", "history.jsonl"),
+                 max_model_mb)
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _log_outputs(client: MlflowClient, run_id: str, out: Path, files: tuple[str, ...],
+                 max_model_mb: float) -> None:
+    """A run's files, and its exported model or adapter folder when it is small enough."""
+    for name in files:
+        if (out / name).exists():
+            client.log_artifact(run_id, str(out / name))
+    for kind in ("model", "adapter"):
+        folder = out / kind
+        if folder.is_dir():
+            size = _folder_mb(folder)
+            client.set_tag(run_id, "model_mb", f"{size:.1f}")
+            if size <= max_model_mb:
+                client.log_artifacts(run_id, str(folder), kind)
+            else:
+                client.set_tag(run_id, "model_copied", "false")
+
+
+class StepLogger:
+    """``train(on_step=...)`` callback for rank 0: buffers each step's record and logs it as
+    ``train/<name>`` curves every ``every_s`` seconds and on ``flush``. Steps already in the run
+    (logged before a worker crash, retrained from a checkpoint) are not logged twice."""
+
+    def __init__(self, uri: str, run_id: str, every_s: float = 5.0):
+        self.client, self.run_id, self.every_s = MlflowClient(uri), run_id, every_s
+        history = self.client.get_metric_history(run_id, "train/loss")
+        self.logged = max((m.step for m in history), default=0)
+        self.buffer: list[Metric] = []
+        self.last = time.monotonic()
+
+    def __call__(self, record: dict) -> None:
+        if record["step"] <= self.logged:
+            return
+        now = int(time.time() * 1000)
+        self.buffer += [Metric(f"train/{k}", float(record[k]), now, record["step"])
+                        for k in STEP_METRICS if k in record]
+        self.logged = record["step"]
+        if time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.buffer), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 1000])
+        self.buffer, self.last = [], time.monotonic()
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def record_trial(tracker: Tracker, run_id: str, *, report: dict, result: dict, out: Path,
+                 max_model_mb: float) -> None:
+    """Log a finished trial: eval metrics per task, objectives, final losses, status tags
+    (``ok`` / ``collapsed`` / ``diverged``), artifacts (config, history, eval results per task,
+    the exported model or adapter, or its path when larger than ``max_model_mb``); end the run."""
+    client = tracker.client
+    now = int(time.time() * 1000)
+    step = int(report.get("num_steps", 0))
+    values = {"wmdp": result["wmdp"], "mmlu": result["mmlu"],
+              "constraint": result["constraint"], "num_steps": step,
+              "resumed_from": report.get("resumed_from", 0)}
+    for task, scores in (report.get("eval") or {}).items():
+        values[f"eval/{task}"] = scores["acc"]
+        values[f"eval/{task}/stderr"] = scores["acc_stderr"]
+        values[f"eval/{task}/n"] = scores["n"]
+    for key, value in report.items():  # fine-tuning attack results, when a trial has them
+        if key.startswith("attack/") and isinstance(value, (int, float)):
+            values[key] = value
+    metrics = [Metric(k, float(v), now, step) for k, v in values.items()
+               if isinstance(v, (int, float))]
+    status = result["infeasible"] or "ok"
+    tags = {"status": status, "feasible": str(result["feasible"]).lower(),
+            "infeasible": result["infeasible"], "model_path": str(out)}
+    client.log_batch(run_id, metrics=metrics,
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    for task, scores in (report.get("eval") or {}).items():
+        _log_text(client, run_id, f"eval/{task}.json", json.dumps(scores, indent=1))
+    _log_outputs(client, run_id, out, ("config.json", "history.jsonl", "train_report.json"),
+                 max_model_mb)
+    client.set_terminated(run_id, "FINISHED")
+
+
+def record_failure(tracker: Tracker, run_id: str, error: BaseException | str) -> None:
+    """Mark a run failed with the reason (tag ``failure_reason``, the traceback as
+    ``error.txt``) and end it."""
+    client = tracker.client
+    if isinstance(error, BaseException):
+        text = "".join(traceback.format_exception(error))
+        reason = f"{type(error).__name__}: {error}"
+    else:
+        text = reason = str(error)
+    client.set_tag(run_id, "status", "failed")
+    client.set_tag(run_id, "failure_reason", reason.strip()[:4000] or "unknown")
+    _log_text(client, run_id, "error.txt", text)
+    client.set_terminated(run_id, "FAILED")
+
+
+def fail_open_trial(tracker: Tracker, trial_id: str, reason: str) -> bool:
+    """Mark the run of a trial that died without recording (its process killed) as failed;
+    returns whether there was such a run."""
+    found = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.trial_id = '{trial_id}' and tags.role = 'trial'",
+        max_results=1)
+    if not found or found[0].data.tags.get("status") != "running":
+        return False
+    record_failure(tracker, found[0].info.run_id, reason)
+    return True
+
+
+# --- the Pareto front -------------------------------------------------------------------------
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The feasible rows no other feasible row dominates (lower ``wmdp`` and higher ``mmlu``,
+    one strictly), sorted by ``wmdp``."""
+    feasible = [r for r in rows if r["feasible"]]
+
+    def dominated(r):
+        return any(o["wmdp"] <= r["wmdp"] and o["mmlu"] >= r["mmlu"]
+                   and (o["wmdp"] < r["wmdp"] or o["mmlu"] > r["mmlu"]) for o in feasible)
+
+    return sorted((r for r in feasible if not dominated(r)), key=lambda r: (r["wmdp"], -r["mmlu"]))
+
+
+def pareto_levels(rows: list[dict]) -> list[int | None]:
+    """Non-dominated sorting: each row's front number (1 = the Pareto front, 2 = the front once
+    the first is removed, ...); None for infeasible rows."""
+    levels: dict[int, int] = {}
+    left = [r for r in rows if r["feasible"]]
+    level = 1
+    while left:
+        for r in pareto_front(left):
+            levels[id(r)] = level
+        left = [r for r in left if id(r) not in levels]
+        level += 1
+    return [levels.get(id(r)) for r in rows]
+
+
+def _float(metrics: dict, key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def trial_rows(client: MlflowClient, experiment: str) -> tuple[dict, list[dict]]:
+    """From MLflow alone: the sweep's parent run (``{"run_id", "params", "metrics", "tags"}``)
+    and one row per trial run (``trial_id``, ``run_id``, ``status``, ``wmdp``, ``mmlu``,
+    ``feasible``, ``pareto``, ``pareto_rank``, ``params``, ``metrics``, ``tags``), oldest first."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ValueError(f"experiment {experiment!r} is not in {client.tracking_uri}: it has "
+                         f"{names}")
+    parents = client.search_runs([exp.experiment_id], "tags.role = 'sweep'", max_results=1)
+    if not parents:
+        raise ValueError(f"experiment {experiment!r} has no sweep run (tag role=sweep)")
+    parent = parents[0]
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                              max_results=50000, order_by=["attributes.start_time ASC"])
+    rows = []
+    for run in runs:
+        tags, metrics = run.data.tags, run.data.metrics
+        rows.append({
+            "trial_id": tags.get("trial_id", run.info.run_name), "run_id": run.info.run_id,
+            "status": tags.get("status", "unknown"), "wmdp": _float(metrics, "wmdp"),
+            "mmlu": _float(metrics, "mmlu"), "feasible": tags.get("feasible") == "true",
+            "pareto": tags.get("pareto") == "true",
+            "pareto_rank": int(tags["pareto_rank"]) if tags.get("pareto_rank") else None,
+            "params": dict(run.data.params), "metrics": dict(metrics), "tags": dict(tags)})
+    info = {"run_id": parent.info.run_id, "params": dict(parent.data.params),
+            "metrics": dict(parent.data.metrics), "tags": dict(parent.data.tags),
+            "experiment_id": exp.experiment_id}
+    return info, rows
+
+
+def update_front(tracker: Tracker) -> list[dict]:
+    """Recompute the front over the finished trials recorded so far, tag every finished run
+    (``pareto``, ``pareto_rank``) and log the plot on the parent run; returns the front."""
+    client = tracker.client
+    experiment = client.get_experiment(tracker.experiment_id).name
+    parent, rows = trial_rows(client, experiment)
+    done = [r for r in rows if r["status"] not in ("running", "unknown")]
+    scored = [r for r in done if r["wmdp"] is not None and r["mmlu"] is not None]
+    for row in done:
+        if row not in scored:
+            row["feasible"] = False
+    levels = pareto_levels(scored)
+    rank_of = {id(r): level for r, level in zip(scored, levels)}
+    for row in done:
+        level = rank_of.get(id(row))
+        row["pareto"], row["pareto_rank"] = level == 1, level
+        tags = {"pareto": str(level == 1).lower(), "pareto_rank": str(level) if level else ""}
+        changed = [RunTag(k, v) for k, v in tags.items() if row["tags"].get(k) != v]
+        if changed:
+            client.log_batch(row["run_id"], tags=changed)
+    front = [r for r in done if r["pareto"]]
+    front.sort(key=lambda r: (r["wmdp"], -r["mmlu"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        png, page = Path(tmp) / "front.png", Path(tmp) / "front.html"
+        plot_front_png(done, parent, png)
+        page.write_text(plot_front_html(done, parent))
+        (Path(tmp) / "front.json").write_text(json.dumps(
+            [{k: r[k] for k in ("trial_id", "run_id", "wmdp", "mmlu", "pareto_rank")}
+             for r in front], indent=1))
+        for file in ("front.png", "front.html", "front.json"):
+            client.log_artifact(tracker.parent_run_id, str(Path(tmp) / file), "pareto")
+    client.log_metric(tracker.parent_run_id, "pareto/size", len(front))
+    client.log_metric(tracker.parent_run_id, "trials/finished", len(done))
+    return front
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+def _plot_frame(parent: dict) -> dict:
+    tags, metrics = parent["tags"], parent["metrics"]
+    forget, retain = tags.get("forget_task", "wmdp"), tags.get("retain_task", "mmlu")
+    floor = float(parent["params"].get("retain_floor", 0) or 0)
+    return {"forget": forget, "retain": retain, "floor": floor,
+            "baseline": (metrics.get(f"baseline/{forget}"), metrics.get(f"baseline/{retain}")),
+            "chance": (metrics.get(f"chance/{forget}"), metrics.get(f"chance/{retain}"))}
+
+
+def plot_front_png(rows: list[dict], parent: dict, path: Path) -> None:
+    """Every finished trial in the (forget accuracy, retain accuracy) plane: the front joined
+    by a step line, infeasible trials crossed, the unmodified model and chance marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = _plot_frame(parent)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    scored = [r for r in rows if r["wmdp"] is not None]
+    other = [r for r in scored if r["feasible"] and not r["pareto"]]
+    bad = [r for r in scored if not r["feasible"]]
+    front = sorted((r for r in scored if r["pareto"]), key=lambda r: r["wmdp"])
+    ax.scatter([r["wmdp"] for r in other], [r["mmlu"] for r in other], c="#7a8ca3",
+               label="trial")
+    ax.scatter([r["wmdp"] for r in bad], [r["mmlu"] for r in bad], c="#c0392b", marker="x",
+               label="infeasible (collapsed / diverged)")
+    if front:
+        ax.step([r["wmdp"] for r in front], [r["mmlu"] for r in front], where="post",
+                c="#1f77b4", alpha=0.6)
+        ax.scatter([r["wmdp"] for r in front], [r["mmlu"] for r in front], c="#1f77b4", s=60,
+                   edgecolors="black", label="Pareto front", zorder=3)
+        for r in front:
+            ax.annotate(r["trial_id"], (r["wmdp"], r["mmlu"]), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points")
+    base_x, base_y = frame["baseline"]
+    if base_x is not None and base_y is not None:
+        ax.scatter([base_x], [base_y], marker="*", s=220, c="#f1c40f", edgecolors="black",
+                   label="unmodified model", zorder=4)
+    chance_x, chance_y = frame["chance"]
+    if chance_x is not None:
+        ax.axvline(chance_x, ls=":", c="gray", label="chance")
+    if chance_y is not None:
+        ax.axhline(chance_y, ls=":", c="gray")
+    if frame["floor"] > 0:
+        ax.axhline(frame["floor"], ls="--", c="#c0392b", lw=0.8, label="retain floor")
+    ax.set_xlabel(f"{frame['forget']} accuracy (lower is better)")
+    ax.set_ylabel(f"{frame['retain']} accuracy (higher is better)")
+    ax.set_title(f"{parent['tags'].get('sweep', '')}: {len(front)} on the front, "
+                 f"{len(scored)} scored trials")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_front_html(rows: list[dict], parent: dict) -> str:
+    """A self-contained page (inline SVG, no scripts to fetch: clusters are often offline): the
+    same plot as the PNG, every point with a tooltip of its settings and a link to its run, and
+    the front as a table."""
+    frame = _plot_frame(parent)
+    exp = parent.get("experiment_id", "")
+    width, height, pad = 720, 480, 60
+    sx = lambda v: pad + v * (width - 2 * pad)
+    sy = lambda v: height - pad - v * (height - 2 * pad)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             'font-family="sans-serif" font-size="11">',
+             f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" '
+             'fill="none" stroke="#999"/>']
+    for tick in (0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<text x="{sx(tick):.1f}" y="{height - pad + 16}" text-anchor="middle">'
+                     f'{tick:g}</text><text x="{pad - 8}" y="{sy(tick) + 4:.1f}" '
+                     f'text-anchor="end">{tick:g}</text>')
+    parts.append(f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">'
+                 f'{html.escape(frame["forget"])} accuracy (lower is better)</text>')
+    parts.append(f'<text x="15" y="{height / 2}" transform="rotate(-90 15 {height / 2})" '
+                 f'text-anchor="middle">{html.escape(frame["retain"])} accuracy '
+                 '(higher is better)</text>')
+    chance_x, chance_y = frame["chance"]
+    if chance_x is not None:
+        parts.append(f'<line x1="{sx(chance_x):.1f}" y1="{sy(0)}" x2="{sx(chance_x):.1f}" '
+                     f'y2="{sy(1)}" stroke="gray" stroke-dasharray="2,3"><title>chance '
+                     f'{chance_x:.3f}</title></line>')
+    if chance_y is not None:
+        parts.append(f'<line x1="{sx(0)}" y1="{sy(chance_y):.1f}" x2="{sx(1)}" '
+                     f'y2="{sy(chance_y):.1f}" stroke="gray" stroke-dasharray="2,3"><title>'
+                     f'chance {chance_y:.3f}</title></line>')
+    if frame["floor"] > 0:
+        parts.append(f'<line x1="{sx(0)}" y1="{sy(frame["floor"]):.1f}" x2="{sx(1)}" '
+                     f'y2="{sy(frame["floor"]):.1f}" stroke="#c0392b" stroke-dasharray="6,4">'
+                     f'<title>retain floor {frame["floor"]:g}</title></line>')
+    scored = [r for r in rows if r["wmdp"] is not None]
+    front = sorted((r for r in scored if r["pareto"]), key=lambda r: r["wmdp"])
+    if front:
+        points = []
+        for a, b in zip(front, front[1:] + [None]):
+            points.append(f"{sx(a['wmdp']):.1f},{sy(a['mmlu']):.1f}")
+            if b is not None:
+                points.append(f"{sx(b['wmdp']):.1f},{sy(a['mmlu']):.1f}")
+        parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="#1f77b4" '
+                     'stroke-opacity="0.6"/>')
+    space = [k[len("space."):] for k in parent["params"] if k.startswith("space.")]
+    for r in scored:
+        settings = ", ".join(f"{k}={r['params'].get(k)}" for k in space)
+        tip = html.escape(f"{r['trial_id']}: {frame['forget']} {r['wmdp']:.4f}, "
+                          f"{frame['retain']} {r['mmlu']:.4f}, {r['status']}"
+                          f"{', Pareto' if r['pareto'] else ''}; {settings}")
+        x, y = sx(r["wmdp"]), sy(r["mmlu"])
+        if not r["feasible"]:
+            shape = (f'<path d="M{x - 5:.1f},{y - 5:.1f}L{x + 5:.1f},{y + 5:.1f}M{x - 5:.1f},'
+                     f'{y + 5:.1f}L{x + 5:.1f},{y - 5:.1f}" stroke="#c0392b" stroke-width="2"/>')
+        else:
+            color = "#1f77b4" if r["pareto"] else "#7a8ca3"
+            size = 7 if r["pareto"] else 5
+            shape = (f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{size}" fill="{color}" '
+                     f'stroke="black" stroke-width="{1 if r["pareto"] else 0}"/>')
+        parts.append(f'<a href="/#/experiments/{exp}/runs/{r["run_id"]}" target="_top">'
+                     f'<g><title>{tip}</title>{shape}</g></a>')
+    base_x, base_y = frame["baseline"]
+    if base_x is not None and base_y is not None:
+        parts.append(f'<g><title>unmodified model: {base_x:.4f}, {base_y:.4f}</title><text '
+                     f'x="{sx(base_x):.1f}" y="{sy(base_y) + 7:.1f}" text-anchor="middle" '
+                     'font-size="22" fill="#f1c40f" stroke="black">&#9733;</text></g>')
+    parts.append("</svg>")
+    table = ["<table><tr><th>rank</th><th>trial</th><th>"
+             f"{html.escape(frame['forget'])}</th><th>{html.escape(frame['retain'])}</th>"
+             + "".join(f"<th>{html.escape(k)}</th>" for k in space) + "</tr>"]
+    for r in front:
+        table.append(f"<tr><td>{r['pareto_rank']}</td><td>{html.escape(r['trial_id'])}</td>"
+                     f"<td>{r['wmdp']:.4f}</td><td>{r['mmlu']:.4f}</td>"
+                     + "".join(f"<td>{html.escape(str(r['params'].get(k)))}</td>" for k in space)
+                     + "</tr>")
+    table.append("</table>")
+    title = html.escape(f"Pareto front of {parent['tags'].get('sweep', '')}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+            "body{font-family:sans-serif;margin:1em}td,th{padding:2px 8px;text-align:right}"
+            "</style></head><body>"
+            f"<h3>{title}</h3><p>{len(front)} of {len(scored)} scored trials on the front; "
+            "hover a point for its settings, click to open its run. Star: the unmodified model; "
+            "dotted: chance; dashed: the retain floor; crosses: infeasible.</p>"
+            + "".join(parts) + "".join(table) + "</body></html>")
+
+
+# --- the seed log's tables --------------------------------------------------------------------
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _number(value) -> str:
+    if value is None or value == "":
+        return "-"
+    try:
+        number = float(value)
+    except ValueError:
+        return str(value)
+    if number.is_integer():
+        return str(int(number))
+    return f"{number:.3g}"
+
+
+def report_table(parent: dict, rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """The seed log's columns (examples, epochs, steps, coefficients, learning rates, batch,
+    LoRA rank, final retain and forget loss, accuracy per eval task, notes) for the baseline
+    and every trial, front first; returns the header and one dict per row (raw values)."""
+    tasks = json.loads(parent["params"].get("eval_tasks", "[]"))
+    forget = parent["tags"].get("forget_task")
+    muon = any(r["params"].get("optim.name") == "muon" for r in rows)
+    lrs = ["muon_lr", "adam_lr"] if muon else ["lr"]
+    head = ["examples", "epochs", "steps", "retain_coef", "remove_coef", *lrs, "batch",
+            "LoRA rank", "retain_loss", "forget_loss",
+            *[f"{t} (↓)" if t == forget else t for t in tasks], "pareto", "notes"]
+    baseline = {h: None for h in head}
+    baseline |= {(f"{t} (↓)" if t == forget else t): parent["metrics"].get(f"baseline/{t}")
+                 for t in tasks}
+    baseline |= {"pareto": False, "notes": "Baseline (unmodified model)"}
+    out = [baseline]
+    order = sorted(rows, key=lambda r: (not r["pareto"], r["pareto_rank"] or 99,
+                                        r["wmdp"] if r["wmdp"] is not None else 2))
+    for r in order:
+        p, m = r["params"], r["metrics"]
+        lr_values = ({"muon_lr": p.get("optim.muon_lr"), "adam_lr": p.get("optim.adam_lr")}
+                     if muon else {"lr": p.get("optim.lr")})
+        notes = [r["trial_id"]]
+        if r["pareto"]:
+            notes.append("Pareto front")
+        if r["status"] not in ("ok",):
+            notes.append(r["status"])
+        if r["tags"].get("failure_reason"):
+            notes.append(r["tags"]["failure_reason"].splitlines()[0][:160])
+        row = {"examples": p.get("data.num_examples"), "epochs": p.get("batch.epochs"),
+               "steps": m.get("num_steps"), "retain_coef": p.get("loss.retain_coef"),
+               "remove_coef": p.get("loss.remove_coef"), **lr_values,
+               "batch": p.get("batch.global_batch"),
+               "LoRA rank": p.get("mode.lora_rank") if p.get("mode.kind") == "lora" else None,
+               "retain_loss": m.get("train/retain_loss"),
+               "forget_loss": m.get("train/forget_loss"),
+               **{(f"{t} (↓)" if t == forget else t): m.get(f"eval/{t}") for t in tasks},
+               "pareto": r["pareto"], "notes": "; ".join(notes)}
+        out.append(row)
+    return head, out
+
+
+def report(client: MlflowClient, experiment: str, fmt: str = "md") -> str:
+    """The experiment's table from MLflow alone, as ``md`` (the seed log's shape, Pareto rows'
+    accuracies in bold), ``csv`` or ``json``."""
+    formats = ("md", "csv", "json")
+    if fmt not in formats:
+        raise ValueError(f"format={fmt!r} is invalid: allowed one of {', '.join(formats)}")
+    parent, rows = trial_rows(client, experiment)
+    head, table = report_table(parent, rows)
+    if fmt == "json":
+        return json.dumps({"experiment": experiment, "columns": head, "rows": table}, indent=1)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=head)
+        writer.writeheader()
+        writer.writerows(table)
+        return buffer.getvalue()
+    accuracy = {h for h in head if h.endswith("(↓)") or h in
+                json.loads(parent["params"].get("eval_tasks", "[]"))}
+    lines = ["| " + " | ".join(h for h in head if h != "pareto") + " |",
+             "|" + "---|" * (len(head) - 1)]
+    for row in table:
+        cells = []
+        for h in head:
+            if h == "pareto":
+                continue
+            value = row[h]
+            if h in accuracy:
+                text = _percent(value)
+                cells.append(f"**{text}**" if row["pareto"] and value is not None else text)
+            elif h == "notes":
+                cells.append(str(value).replace("|", "/"))
+            else:
+                cells.append(_number(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
