@@ -103,7 +103,9 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
         if all(result.get(f"param/{k}") == v for k, v in params.items()):
             ray.tune.report(result)
             return
-    run_id = trial_run(tracker, trial_id, config) if tracker else None
+    base = to_flat(sweep.base)
+    hand_tuned = all(params.get(k) == base[k] for k in sweep.space)
+    run_id = trial_run(tracker, trial_id, config, hand_tuned) if tracker else None
     try:
         report = fit_on_ray(config, out=out, storage_path=where.train, name=trial_id,
                             toyworld=Path(toyworld) if toyworld else None,

@@ -72,15 +72,20 @@ class Tracker:
         return MlflowClient(self.uri)
 
 
-def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``, created (with its artifact folder in a local store) if
-    missing."""
+def _experiment(tracking: TrackingConfig, name: str) -> tuple[str, MlflowClient, str]:
+    """``(uri, client, experiment id)`` of experiment ``name``, created if missing (in a local
+    store with its artifacts under ``tracking.artifact_location/<name>``)."""
+    uri = resolve_uri(tracking)
+    client = MlflowClient(uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
-        return found.experiment_id
+        return uri, client, found.experiment_id
+    artifacts = (str(Path(tracking.artifact_location).resolve() / name)
+                 if _is_local(uri) else None)
     # without this tag MLflow 3's UI opens the experiment as a GenAI (traces) page, not runs
-    return client.create_experiment(name, artifact_location=artifact_location,
-                                    tags={"mlflow.experimentKind": "custom_model_development"})
+    return uri, client, client.create_experiment(
+        name, artifact_location=artifacts,
+        tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def _versions() -> dict[str, str]:
@@ -109,6 +114,14 @@ def _git_commit() -> tuple[str, bool]:
     return commit, bool(dirty.strip())
 
 
+def _provenance() -> dict[str, str]:
+    """Tags that say what code made a run: git commit (and whether the checkout had uncommitted
+    changes) and package versions."""
+    commit, dirty = _git_commit()
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower(),
+            **{f"version.{k}": v for k, v in _versions().items()}}
+
+
 def _log_text(client: MlflowClient, run_id: str, path: str, text: str) -> None:
     """Write ``text`` as the artifact ``path`` (folders allowed), replacing an older version."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,12 +139,7 @@ def start_sweep(sweep: SweepConfig, baseline: dict | None = None) -> Tracker:
     """Find or create the sweep's experiment (named after the sweep) and its parent run; a
     resumed sweep reuses both. ``baseline``: the unmodified model's ``{task: {"acc", "chance",
     ...}}``, logged as ``baseline/<task>`` and ``chance/<task>``."""
-    tracking = sweep.base.tracking
-    uri = resolve_uri(tracking)
-    client = MlflowClient(uri)
-    artifacts = (str(Path(tracking.artifact_location).resolve() / sweep.name)
-                 if _is_local(uri) else None)
-    exp = experiment_id(client, sweep.name, artifacts)
+    uri, client, exp = _experiment(sweep.base.tracking, sweep.name)
     parents = client.search_runs([exp], "tags.role = 'sweep'", max_results=1,
                                  order_by=["attributes.start_time ASC"])
     if parents:
@@ -140,11 +148,8 @@ def start_sweep(sweep: SweepConfig, baseline: dict | None = None) -> Tracker:
         if any(k.startswith("baseline/") for k in parents[0].data.metrics):
             baseline = None  # logged when the sweep started
     else:
-        commit, dirty = _git_commit()
-        tags = {"role": "sweep", "sweep": sweep.name, "mlflow.source.git.commit": commit,
-                "git_dirty": str(dirty).lower(), "forget_task": sweep.forget_task,
-                "retain_task": sweep.retain_task,
-                **{f"version.{k}": v for k, v in _versions().items()}}
+        tags = {"role": "sweep", "sweep": sweep.name, "forget_task": sweep.forget_task,
+                "retain_task": sweep.retain_task, **_provenance()}
         run_id = client.create_run(exp, run_name=sweep.name, tags=tags).info.run_id
         params = {"num_trials": sweep.num_trials, "forget_task": sweep.forget_task,
                   "retain_task": sweep.retain_task, "retain_floor": sweep.retain_floor,
@@ -158,7 +163,6 @@ def start_sweep(sweep: SweepConfig, baseline: dict | None = None) -> Tracker:
             {**{k: v for k, v in params.items() if not k.startswith("space.")},
              "space": {k: list(v) for k, v in sweep.space.items()},
              "base": to_flat(sweep.base)}, indent=1, default=str))
-        _log_text(client, run_id, "versions.json", json.dumps(_versions(), indent=1))
     if baseline:
         now = int(time.time() * 1000)
         metrics = [Metric(f"{kind}/{task}", float(scores[kind if kind == "chance" else "acc"]),
@@ -173,9 +177,11 @@ def finish_sweep(tracker: Tracker, status: str = "FINISHED") -> None:
     tracker.client.set_terminated(tracker.parent_run_id, status)
 
 
-def trial_run(tracker: Tracker, trial_id: str, config: UnlearnConfig) -> str:
+def trial_run(tracker: Tracker, trial_id: str, config: UnlearnConfig,
+              hand_tuned: bool = False) -> str:
     """The nested run of Tune trial ``trial_id``: found by its ``trial_id`` tag (a trial rerun
-    after a crash continues its run) or created with the flat trial config as params."""
+    after a crash continues its run) or created with the flat trial config as params;
+    ``hand_tuned`` tags the sweep's base point (the recipe the search must beat)."""
     client = tracker.client
     found = client.search_runs([tracker.experiment_id],
                                f"tags.trial_id = '{trial_id}' and tags.role = 'trial'",
@@ -186,7 +192,8 @@ def trial_run(tracker: Tracker, trial_id: str, config: UnlearnConfig) -> str:
         client.set_tag(run_id, "status", "running")
         return run_id
     return _new_run(client, tracker.experiment_id, trial_id, config, {
-        "mlflow.parentRunId": tracker.parent_run_id, "role": "trial", "trial_id": trial_id})
+        "mlflow.parentRunId": tracker.parent_run_id, "role": "trial", "trial_id": trial_id,
+        "hand_tuned": str(hand_tuned).lower()})
 
 
 def _new_run(client: MlflowClient, experiment: str, name: str, config: UnlearnConfig,
@@ -201,12 +208,7 @@ def unlearn_run(config: UnlearnConfig, out: Path) -> tuple[Tracker, str]:
     """The run of one ``raylens unlearn`` (experiment ``tracking.experiment``, named after its
     output folder): found by its ``out_dir`` tag when ``--resume`` continues it, else created
     with the flat config as params, the git commit and package versions as tags."""
-    tracking = config.tracking
-    uri = resolve_uri(tracking)
-    client = MlflowClient(uri)
-    artifacts = (str(Path(tracking.artifact_location).resolve() / tracking.experiment)
-                 if _is_local(uri) else None)
-    exp = experiment_id(client, tracking.experiment, artifacts)
+    uri, client, exp = _experiment(config.tracking, config.tracking.experiment)
     folder = str(Path(out).resolve())
     found = client.search_runs([exp], f"tags.out_dir = '{folder}'", max_results=1)
     if found:
@@ -214,11 +216,8 @@ def unlearn_run(config: UnlearnConfig, out: Path) -> tuple[Tracker, str]:
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "status", "running")
     else:
-        commit, dirty = _git_commit()
-        run_id = _new_run(client, exp, Path(folder).name, config, {
-            "role": "run", "out_dir": folder, "mlflow.source.git.commit": commit,
-            "git_dirty": str(dirty).lower(),
-            **{f"version.{k}": v for k, v in _versions().items()}})
+        run_id = _new_run(client, exp, Path(folder).name, config,
+                          {"role": "run", "out_dir": folder, **_provenance()})
     return Tracker(uri, exp, run_id), run_id
 
 
@@ -237,6 +236,10 @@ def record_unlearn(tracker: Tracker, run_id: str, summary: dict, out: Path,
     _log_outputs(client, run_id, out, ("results.json", "config.json", "history.jsonl"),
                  max_model_mb)
     client.set_terminated(run_id, "FINISHED")
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
 def _log_outputs(client: MlflowClient, run_id: str, out: Path, files: tuple[str, ...],
@@ -282,10 +285,6 @@ class StepLogger:
         for i in range(0, len(self.buffer), 1000):  # MLflow's batch limit
             self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 1000])
         self.buffer, self.last = [], time.monotonic()
-
-
-def _folder_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
 def record_trial(tracker: Tracker, run_id: str, *, report: dict, result: dict, out: Path,
@@ -581,7 +580,8 @@ def plot_front_html(rows: list[dict], parent: dict) -> str:
     for r in front:
         table.append(f"<tr><td>{r['pareto_rank']}</td><td>{html.escape(r['trial_id'])}</td>"
                      f"<td>{r['wmdp']:.4f}</td><td>{r['mmlu']:.4f}</td>"
-                     + "".join(f"<td>{html.escape(str(r['params'].get(k)))}</td>" for k in space)
+                     + "".join(f"<td>{html.escape(_number(r['params'].get(k)))}</td>"
+                               for k in space)
                      + "</tr>")
     table.append("</table>")
     title = html.escape(f"Pareto front of {parent['tags'].get('sweep', '')}")
@@ -635,14 +635,19 @@ def report_table(parent: dict, rows: list[dict]) -> tuple[list[str], list[dict]]
         lr_values = ({"muon_lr": p.get("optim.muon_lr"), "adam_lr": p.get("optim.adam_lr")}
                      if muon else {"lr": p.get("optim.lr")})
         notes = [r["trial_id"]]
+        if r["tags"].get("hand_tuned") == "true":
+            notes.append("hand-tuned base")
         if r["pareto"]:
             notes.append("Pareto front")
+        elif r["pareto_rank"]:
+            notes.append(f"front {r['pareto_rank']}")
         if r["status"] not in ("ok",):
             notes.append(r["status"])
         if r["tags"].get("failure_reason"):
             notes.append(r["tags"]["failure_reason"].splitlines()[0][:160])
         row = {"examples": p.get("data.num_examples"), "epochs": p.get("batch.epochs"),
-               "steps": m.get("num_steps"), "retain_coef": p.get("loss.retain_coef"),
+               "steps": None if m.get("num_steps") is None else int(m["num_steps"]),
+               "retain_coef": p.get("loss.retain_coef"),
                "remove_coef": p.get("loss.remove_coef"), **lr_values,
                "batch": p.get("batch.global_batch"),
                "LoRA rank": p.get("mode.lora_rank") if p.get("mode.kind") == "lora" else None,
@@ -666,10 +671,10 @@ def report(client: MlflowClient, experiment: str, fmt: str = "md") -> str:
         return json.dumps({"experiment": experiment, "columns": head, "rows": table}, indent=1)
     if fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=head)
+        writer = csv.DictWriter(buffer, fieldnames=head, lineterminator="\n")
         writer.writeheader()
         writer.writerows(table)
-        return buffer.getvalue()
+        return buffer.getvalue().rstrip("\n")
     accuracy = {h for h in head if h.endswith("(↓)") or h in
                 json.loads(parent["params"].get("eval_tasks", "[]"))}
     lines = ["| " + " | ".join(h for h in head if h != "pareto") + " |",

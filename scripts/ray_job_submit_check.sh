@@ -7,8 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(realpath "${VENV:-.venv}")
 TRIALS=${1:-2}
+SWEEP=toy_sft_adamw  # the TOY sweep of sweeps/sft_adamw.py
 export RAY_AUTH_MODE=token
 STORAGE=$(mktemp -d)
+# as cluster.yaml does: jobs inherit the tracking URI from the environment Ray was started in
+export MLFLOW_TRACKING_URI="sqlite:///$STORAGE/mlflow.db"
 "$VENV/bin/ray" start --head --num-cpus=2 --dashboard-host=127.0.0.1 \
   --resources='{"TRAIN_DRIVER": 2}' --disable-usage-stats > "$STORAGE/head.log" 2>&1
 trap '"$VENV/bin/ray" stop --force > /dev/null 2>&1; rm -rf "$STORAGE"' EXIT
@@ -19,4 +22,7 @@ trap '"$VENV/bin/ray" stop --force > /dev/null 2>&1; rm -rf "$STORAGE"' EXIT
   | tee "$STORAGE/job.log"
 grep -q "Job 'raylens-check-$$' succeeded" "$STORAGE/job.log"
 grep -q "^| \* |" "$STORAGE/job.log"
+# every trial is in MLflow: the report has the baseline row and one row per trial
+"$VENV/bin/python" -m raylens.cli report "$SWEEP" --format csv > "$STORAGE/report.csv" || { cat "$STORAGE/report.csv"; exit 1; }
+test "$(($(wc -l < "$STORAGE/report.csv") - 2))" -eq "$TRIALS"
 echo "ray job submit: toy sweep SUCCEEDED"

@@ -192,8 +192,13 @@ def _check_mlflow(db: Path, results: dict, optuna_best: list[str]) -> None:
         artifacts = {a.path for a in client.list_artifacts(row["run_id"])}
         assert {"config.json", "history.jsonl", "eval", "model"} <= artifacts
     assert sorted(r["trial_id"] for r in rows if r["pareto"]) == optuna_best
+    # the front was redrawn as trials finished (once per trial, and at the end), not only once
+    finished = [m.value for m in client.get_metric_history(parent["run_id"], "trials/finished")]
+    assert len(finished) >= len(results) and finished[-1] == len(results)
+    assert finished == sorted(finished)
     table = json.loads(report(client, "killed", "json"))["rows"]
     assert len(table) == 1 + len(results)
+    assert sum("hand-tuned base" in r["notes"] for r in table) == 1  # the first trial
     marked = {r["notes"].split(";")[0] for r in table if r["pareto"]}
     assert sorted(marked) == optuna_best
 

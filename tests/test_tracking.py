@@ -145,13 +145,16 @@ def test_report_regenerates_the_seed_log_table_from_mlflow(store):
                      "LoRA rank | retain_loss | forget_loss | toy_wmdp (↓) | toy_mmlu | notes |")
     assert len(md) == 2 + 1 + 6
     assert md[2].startswith("| - |") and "100.00% | 100.00% | Baseline" in md[2]
+    assert "| second; front 2 |" in next(line for line in md if "second" in line)
     front_a = next(line for line in md if "front_a" in line)
     assert "| 1024 | 2 | 4 | 0.17 | 5 | 0.003 | 32 | - | 0.5 | 5 | **30.00%** | **90.00%** |" \
         in front_a and "Pareto front" in front_a
     failed = next(line for line in md if "| failed;" in line)
     assert "time limit of 0.001 s" in failed and "| - | - |" in failed
-    rows = list(csv.DictReader(io.StringIO(tracking.report(client, "tracked", "csv"))))
-    assert len(rows) == 7 and rows[0]["notes"].startswith("Baseline")
+    text = tracking.report(client, "tracked", "csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(text.splitlines()) == 1 + 7 and rows[0]["notes"].startswith("Baseline")
+    assert next(r for r in rows if "front_a" in r["notes"])["steps"] == "4"
     data = json.loads(tracking.report(client, "tracked", "json"))
     assert [r["pareto"] for r in data["rows"]] == [False, True, True, False, False, False, False]
     with pytest.raises(ValueError, match="format='xlsx' is invalid"):
