@@ -183,17 +183,23 @@ def trial_run(tracker: Tracker, trial_id: str, config: UnlearnConfig,
     after a crash continues its run) or created with the flat trial config as params;
     ``hand_tuned`` tags the sweep's base point (the recipe the search must beat)."""
     client = tracker.client
-    found = client.search_runs([tracker.experiment_id],
-                               f"tags.trial_id = '{trial_id}' and tags.role = 'trial'",
-                               max_results=1)
+    found = _trial_run(tracker, trial_id)
     if found:
-        run_id = found[0].info.run_id
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "status", "running")
         return run_id
     return _new_run(client, tracker.experiment_id, trial_id, config, {
         "mlflow.parentRunId": tracker.parent_run_id, "role": "trial", "trial_id": trial_id,
         "hand_tuned": str(hand_tuned).lower()})
+
+
+def _trial_run(tracker: Tracker, trial_id: str):
+    """The MLflow run of Tune trial ``trial_id``, or None."""
+    found = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.trial_id = '{trial_id}' and tags.role = 'trial'",
+        max_results=1)
+    return found[0] if found else None
 
 
 def _new_run(client: MlflowClient, experiment: str, name: str, config: UnlearnConfig,
@@ -289,7 +295,7 @@ class StepLogger:
 
 def record_trial(tracker: Tracker, run_id: str, *, report: dict, result: dict, out: Path,
                  max_model_mb: float) -> None:
-    """Log a finished trial: eval metrics per task, objectives, final losses, status tags
+    """Log a finished trial: eval metrics per task, the objectives and constraint, status tags
     (``ok`` / ``collapsed`` / ``diverged``), artifacts (config, history, eval results per task,
     the exported model or adapter, or its path when larger than ``max_model_mb``); end the run."""
     client = tracker.client
@@ -337,12 +343,10 @@ def record_failure(tracker: Tracker, run_id: str, error: BaseException | str) ->
 def fail_open_trial(tracker: Tracker, trial_id: str, reason: str) -> bool:
     """Mark the run of a trial that died without recording (its process killed) as failed;
     returns whether there was such a run."""
-    found = tracker.client.search_runs(
-        [tracker.experiment_id], f"tags.trial_id = '{trial_id}' and tags.role = 'trial'",
-        max_results=1)
-    if not found or found[0].data.tags.get("status") != "running":
+    found = _trial_run(tracker, trial_id)
+    if found is None or found.data.tags.get("status") != "running":
         return False
-    record_failure(tracker, found[0].info.run_id, reason)
+    record_failure(tracker, found.info.run_id, reason)
     return True
 
 
@@ -419,9 +423,6 @@ def update_front(tracker: Tracker) -> list[dict]:
     parent, rows = trial_rows(client, experiment)
     done = [r for r in rows if r["status"] not in ("running", "unknown")]
     scored = [r for r in done if r["wmdp"] is not None and r["mmlu"] is not None]
-    for row in done:
-        if row not in scored:
-            row["feasible"] = False
     levels = pareto_levels(scored)
     rank_of = {id(r): level for r, level in zip(scored, levels)}
     for row in done:

@@ -505,17 +505,22 @@ def _ray_worker(loop_config: dict) -> None:
     config = from_flat(UnlearnConfig, loop_config["config"])
     toyworld = Path(loop_config["toyworld"]) if loop_config["toyworld"] else None
     rank, world = _rank_and_world()
-    on_step = [RayStepMetrics(loop_config["name"])] if rank == 0 else []
-    if rank == 0 and loop_config.get("mlflow"):
-        on_step.append(StepLogger(*loop_config["mlflow"]))
+    metrics = RayStepMetrics(loop_config["name"]) if rank == 0 else None
+    curves = StepLogger(*loop_config["mlflow"]) if rank == 0 and loop_config.get("mlflow") \
+        else None
+
+    def on_step(record: dict) -> None:  # rank 0: Prometheus gauges and MLflow curves
+        if metrics:
+            metrics(record)
+        if curves:
+            curves(record)
+
     try:
         result = train(config, toyworld=toyworld, log=print if rank == 0 else (lambda *_: None),
-                       checkpoints=RayCheckpoints(),
-                       on_step=lambda record: [f(record) for f in on_step])
+                       checkpoints=RayCheckpoints(), on_step=on_step)
     finally:  # the curve up to a crash is kept; a restart skips the steps already logged
-        for f in on_step:
-            if isinstance(f, StepLogger):
-                f.flush()
+        if curves:
+            curves.flush()
     scores, eval_error = None, None
     if loop_config.get("evaluate"):
         try:  # on the live (sharded) model: no export/reload round trip
