@@ -77,7 +77,9 @@ def cmd_demo(args) -> int:
     print(front_table(rows, sweep))
     print(compare_to_base(rows, sweep))
     if sweep.base.tracking.enabled:
-        print(f"MLflow ({_tracking_uri(sweep.base.tracking.tracking_uri)}), experiment {name}: "
+        from raylens.tracking import resolve_uri
+
+        print(f"MLflow ({resolve_uri(sweep.base.tracking)}), experiment {name}: "
               f"`raylens ui` to browse it, `raylens report {name}` for the table; the Pareto "
               f"plot is on run {name} under pareto/")
     print(f"rerun with --name {name} to resume this sweep")

@@ -66,6 +66,12 @@ def paths(sweep: SweepConfig) -> SweepPaths:
     return SweepPaths(Path(sweep.storage).resolve() / sweep.name)
 
 
+def base_point(sweep: SweepConfig) -> dict:
+    """The base config's values of the searched settings: the hand-tuned point."""
+    base = to_flat(sweep.base)
+    return {k: base[k] for k in sweep.space}
+
+
 def objectives(report: dict, sweep: SweepConfig) -> dict:
     """The values a trial reports to Tune from its training report: ``wmdp``, ``mmlu``,
     ``feasible``, ``infeasible`` (the reason, or ``""``) and ``constraint`` (Optuna's: <= 0 is
@@ -103,8 +109,7 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
         if all(result.get(f"param/{k}") == v for k, v in params.items()):
             ray.tune.report(result)
             return
-    base = to_flat(sweep.base)
-    hand_tuned = all(params.get(k) == base[k] for k in sweep.space)
+    hand_tuned = params == base_point(sweep)
     run_id = trial_run(tracker, trial_id, config, hand_tuned) if tracker else None
     try:
         report = fit_on_ray(config, out=out, storage_path=where.train, name=trial_id,
@@ -173,8 +178,7 @@ def _searcher(sweep: SweepConfig, study_url: str):
     sampler = (optuna.samplers.NSGAIISampler(seed=sweep.seed,
                                              population_size=max(4, sweep.num_trials // 3))
                if sweep.sampler == "nsga2" else optuna.samplers.TPESampler(seed=sweep.seed))
-    first = ([{k: to_flat(sweep.base)[k] for k in sweep.space}]
-             if sweep.evaluate_base_first else None)
+    first = [base_point(sweep)] if sweep.evaluate_base_first else None
     return _ConstrainedOptunaSearch(
         space=OptunaSearch.convert_search_space(_tune_space(sweep.space)),
         metric=["wmdp", "mmlu"], mode=["min", "max"],
@@ -414,7 +418,7 @@ def demo_sweep(storage: str = "raylens-runs", name: str = "demo", num_trials: in
 def compare_to_base(rows: list[dict], sweep: SweepConfig) -> str:
     """One line: the base (hand-tuned) trial's objectives and the trials that beat it on one
     objective without losing on the other."""
-    base = {k: to_flat(sweep.base)[k] for k in sweep.space}
+    base = base_point(sweep)
     first = next((r for r in rows if r["params"] == base and r["wmdp"] is not None), None)
     if first is None:
         return "the base config was not among the finished trials"
