@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 # CPU build on machines that carry it on disk, the CUDA build from PyPI on GPU nodes.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-slow bench
+# The check that no test pins one build's rounding: the default tests against a toy world built
+# in an empty cache with another thread count (see README, "Figures and machines").
+FRESH_WORLD ?= {"build_threads": 1}
+
+.PHONY: install demo test test-fresh-world test-slow bench
 
 install: $(VENV)/.installed
 
@@ -22,6 +26,10 @@ demo: install
 
 test: install
 	$(VENV)/bin/python -m pytest -q
+
+test-fresh-world: install
+	cache="$$(mktemp -d)"; RAYLENS_CACHE="$$cache" RAYLENS_TOYWORLD='$(FRESH_WORLD)' \
+	    $(VENV)/bin/python -m pytest -q; rc=$$?; rm -rf "$$cache"; exit $$rc
 
 test-slow: install
 	$(PY) -m pip install --quiet -e ".[test,ui-test]"

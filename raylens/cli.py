@@ -32,7 +32,10 @@ from raylens.config import EVAL_TASKS, ConfigError, EvalConfig, ToyWorldConfig
 
 
 def _toy_config(args) -> ToyWorldConfig:
-    return ToyWorldConfig(seed=args.seed)
+    from raylens import toyworld as tw
+
+    config = tw.default_config()
+    return config if args.seed is None else replace(config, seed=args.seed)
 
 
 def cmd_toyworld_build(args) -> int:
@@ -305,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def seed_option(p):
-        p.add_argument("--seed", type=int, default=0, help="toy world seed (default 0)")
+        p.add_argument("--seed", type=int, default=None,
+                       help="toy world seed (default 0, or the seed in $RAYLENS_TOYWORLD)")
 
     demo = sub.add_parser("demo", help="the main job: a toy-world sweep and its Pareto front")
     demo.add_argument("--name", default=None,

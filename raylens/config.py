@@ -446,6 +446,10 @@ class ToyWorldConfig:
     """Peak pretraining learning rate."""
     lens_steps: int = 300
     """Optimizer steps of tuned-lens training."""
+    build_threads: int = 2
+    """CPU threads torch uses while building (pretraining, lens, baseline), whatever the machine
+    has: the thread count sets the reduction order, so pinning it makes a 2-core laptop and a
+    64-core node build the same world (same CPU kind and torch build). Part of the content key."""
 
     def __post_init__(self) -> None:
         s = self._section
@@ -454,7 +458,7 @@ class ToyWorldConfig:
         if not isinstance(self.num_entities, int) or not 8 <= self.num_entities <= 400:
             _fail(s, "num_entities", self.num_entities, "an integer in [8, 400]")
         for name in ("num_docs", "hidden_size", "num_layers", "num_heads", "train_steps",
-                     "train_batch", "lens_steps"):
+                     "train_batch", "lens_steps", "build_threads"):
             _check_positive(s, name, getattr(self, name), integer=True)
         if self.hidden_size % self.num_heads:
             _fail(s, "hidden_size", self.hidden_size, f"a multiple of num_heads={self.num_heads}")
@@ -565,10 +569,12 @@ ALL_LINEAR_NEOX = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 RECIPES: dict[str, dict[str, Any]] = {
     # The seed's best run (LoRA rank 16, alpha 16, retain 5, remove 5, global batch 32, AdamW),
-    # scaled to the toy world: lr 1e-2 (seed 1e-3), 16 passes over the 1,024 toy documents
+    # scaled to the toy world: lr 2e-2 (seed 1e-3), 16 passes over the 1,024 toy documents
     # (512 steps; seed: 8,192 examples, 256 steps) and LoRA on every linear layer (seed: PEFT's
-    # default, query_key_value only, which leaves toy_wmdp at ~0.8 on the toy model).
-    "lora_adamw": {"mode.kind": "lora", "optim.name": "adamw", "optim.lr": 1e-2,
+    # default, query_key_value only, which leaves toy_wmdp at ~0.8 on the toy model). At lr 1e-2
+    # toy_wmdp ended at 0.27-0.33 depending on the build (README, "Figures and machines"), too
+    # close to the 0.35 acceptance bound; 2e-2 unlearns to near chance on every build measured.
+    "lora_adamw": {"mode.kind": "lora", "optim.name": "adamw", "optim.lr": 2e-2,
                    "loss.retain_coef": 5.0, "loss.remove_coef": 5.0, "batch.epochs": 16,
                    "batch.per_device_batch": 32, "mode.lora_target_modules": ALL_LINEAR_NEOX},
     # Full fine-tuning with AdamW and warmup 0.5 as in the seed's later runs; on the toy model the

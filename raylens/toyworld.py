@@ -27,12 +27,13 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from raylens.config import ToyWorldConfig
+from raylens.config import ConfigError, ToyWorldConfig
 
-BUILD_VERSION = "2"
+BUILD_VERSION = "3"
 """Bump when the generator or training changes, so stale caches are not reused."""
 
 DOMAINS = {
@@ -117,6 +118,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("RAYLENS_CACHE", Path.home() / ".cache" / "raylens")) / "toyworld"
 
 
+def default_config() -> ToyWorldConfig:
+    """The world used when none is named: ``ToyWorldConfig()`` updated with the JSON object in
+    ``$RAYLENS_TOYWORLD`` (e.g. ``{"build_threads": 1}`` or ``{"seed": 1}``), so a whole test
+    run or demo can be pointed at another build to check that nothing pins one build's rounding."""
+    raw = os.environ.get("RAYLENS_TOYWORLD", "").strip()
+    if not raw:
+        return ToyWorldConfig()
+    allowed = sorted(f.name for f in fields(ToyWorldConfig))
+    try:
+        changes = json.loads(raw)
+    except json.JSONDecodeError:
+        changes = None
+    if not isinstance(changes, dict) or not set(changes) <= set(allowed):
+        raise ConfigError(f"RAYLENS_TOYWORLD={raw!r} is invalid: allowed a JSON object with keys "
+                          f"from {', '.join(allowed)}")
+    return ToyWorldConfig(**changes)
+
+
 def content_key(config: ToyWorldConfig) -> str:
     """A short hash of everything that determines the world's bytes."""
     blob = json.dumps({"v": BUILD_VERSION, **asdict(config)}, sort_keys=True).encode()
@@ -130,7 +149,7 @@ def world_path(config: ToyWorldConfig) -> Path:
 def load_or_build(config: ToyWorldConfig | None = None, *, log=print) -> ToyWorld:
     """Return the cached world for ``config``, building it first if absent (atomic: a crash
     mid-build leaves no half-written world)."""
-    config = config or ToyWorldConfig()
+    config = config or default_config()
     path = world_path(config)
     if (path / "baseline.json").exists():
         return ToyWorld(path)
@@ -348,8 +367,30 @@ def pretrain(model, tokenizer, texts: list[str], config: ToyWorldConfig, *, log=
     return model
 
 
+@contextmanager
+def _pinned_torch(threads: int):
+    """Run torch with ``threads`` intra-op threads and deterministic algorithms, then restore
+    both: the build's numbers then do not depend on how many cores this machine has."""
+    import torch
+
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+
+
 def build(config: ToyWorldConfig, root: Path, *, log=print) -> ToyWorld:
-    """Build every artifact of the world into ``root`` (see the module docstring)."""
+    """Build every artifact of the world into ``root`` (see the module docstring), with torch
+    pinned to ``config.build_threads`` threads."""
+    with _pinned_torch(config.build_threads):
+        return _build(config, root, log=log)
+
+
+def _build(config: ToyWorldConfig, root: Path, *, log=print) -> ToyWorld:
     from raylens.evaluate import evaluate_folder
     from raylens.lens import lens_kl_report, save_lens, split_for_report, train_lens
 

@@ -165,10 +165,10 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tm
     assert optuna_front(sweep) == tune_front
     pareto_lines = [line for line in table if line.startswith("| * |")]
     assert len(pareto_lines) == len(tune_front) >= 1
-    _check_mlflow(tmp_path / "raylens-mlflow.db", results, optuna_front(sweep))
+    _check_mlflow(tmp_path / "raylens-mlflow.db", results, optuna_front(sweep), world.baseline)
 
 
-def _check_mlflow(db: Path, results: dict, optuna_best: list[str]) -> None:
+def _check_mlflow(db: Path, results: dict, optuna_best: list[str], baseline: dict) -> None:
     """After the killed and resumed demo, MLflow holds the sweep run and one finished nested run
     per trial with its params, one point per step (the rerun trial logged no step twice), eval
     metrics equal to the trial's results, artifacts, and pareto=true exactly on Optuna's best
@@ -180,7 +180,8 @@ def _check_mlflow(db: Path, results: dict, optuna_best: list[str]) -> None:
     client = MlflowClient(f"sqlite:///{db}")
     parent, rows = trial_rows(client, "killed")
     assert client.get_run(parent["run_id"]).info.status == "FINISHED"
-    assert parent["metrics"]["baseline/toy_wmdp"] == 1.0  # the toy world's main model
+    # the unmodified model, scored by the fast scorer in the sweep, as lm-eval scored it in the build
+    assert parent["metrics"]["baseline/toy_wmdp"] == baseline["main"]["toy_wmdp"]
     assert sorted(r["trial_id"] for r in rows) == sorted(results)
     for row in rows:
         result = results[row["trial_id"]]

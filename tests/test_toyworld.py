@@ -86,6 +86,42 @@ def test_tiny_build_is_deterministic_and_atomic(tmp_path, monkeypatch):
     assert tw.load_or_build(TINY).root == second.root  # cached: same folder, no rebuild
 
 
+def test_build_pins_its_thread_count_whatever_the_process_uses(tmp_path, monkeypatch):
+    """The same world from a process running 1 thread and one running 2 (a 1-core and a 2-core
+    machine): the build runs at ``build_threads`` and gives the process its setting back. A
+    different ``build_threads`` is a different world (its own content key)."""
+    import torch
+
+    before = torch.get_num_threads()
+    digests = []
+    try:
+        for ambient in (1, 2):
+            torch.set_num_threads(ambient)
+            monkeypatch.setenv("RAYLENS_CACHE", str(tmp_path / f"ambient{ambient}"))
+            world = tw.load_or_build(TINY, log=lambda *_: None)
+            assert torch.get_num_threads() == ambient
+            assert not torch.are_deterministic_algorithms_enabled()
+            digests.append(_digest(world.model))
+    finally:
+        torch.set_num_threads(before)
+    assert digests[0] == digests[1]
+    other = ToyWorldConfig(**{**TINY.__dict__, "build_threads": 1})
+    assert tw.content_key(other) != tw.content_key(TINY)
+
+
+def test_default_world_follows_raylens_toyworld(monkeypatch):
+    monkeypatch.delenv("RAYLENS_TOYWORLD", raising=False)
+    assert tw.default_config() == ToyWorldConfig()
+    monkeypatch.setenv("RAYLENS_TOYWORLD", '{"build_threads": 1, "seed": 3}')
+    assert tw.default_config() == ToyWorldConfig(seed=3, build_threads=1)
+    for bad, match in (('{"threads": 1}', "RAYLENS_TOYWORLD=.*allowed a JSON object with keys"),
+                       ("seed=1", "RAYLENS_TOYWORLD='seed=1' is invalid"),
+                       ('{"build_threads": 0}', r"toyworld.build_threads=0 is invalid")):
+        monkeypatch.setenv("RAYLENS_TOYWORLD", bad)
+        with pytest.raises(ValueError, match=match):
+            tw.default_config()
+
+
 def test_content_key_changes_with_config():
     assert tw.content_key(TINY) == tw.content_key(ToyWorldConfig(**{**TINY.__dict__}))
     assert tw.content_key(TINY) != tw.content_key(ToyWorldConfig(**{**TINY.__dict__, "seed": 1}))
@@ -100,5 +136,5 @@ def test_main_model_knows_both_domains_control_knows_only_general(world):
 
 
 def test_world_records_its_config(world):
-    assert world.config == ToyWorldConfig()
+    assert world.config == tw.default_config()
     assert (world.model / "config.json").exists() and (world.control / "config.json").exists()
