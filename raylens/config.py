@@ -125,7 +125,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The unlearning objective and its schedules (``DESIGN.md`` §1)."""
+    """The unlearning objective and its schedules."""
 
     _section: ClassVar[str] = "loss"
     target_layers: tuple[int, ...] | None = None

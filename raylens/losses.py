@@ -1,4 +1,4 @@
-"""The unlearning objective (``DESIGN.md`` §1) as pure tensor math; no ray, no torch.distributed.
+"""The unlearning objective as pure tensor math; no ray, no torch.distributed.
 
 Every loss is returned *per token* (``[batch, seq]``, fp32) so that the training loop can average
 over the real tokens of a whole global batch (across accumulation steps and ranks) with
