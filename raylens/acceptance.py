@@ -72,10 +72,6 @@ CHECKS: tuple[Check, ...] = (
 fine-tuning recipe can over-unlearn (retain too weak) and under-unlearn (retain too strong)."""
 
 
-def check(name: str) -> Check:
-    return next(c for c in CHECKS if c.name == name)
-
-
 def run_check(item: Check, world: Path) -> dict[str, float]:
     """Train ``item``'s recipe on the toy world at ``world`` and score the result with lm-eval;
     ``{task: accuracy}``."""
