@@ -572,8 +572,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # scaled to the toy world: lr 2e-2 (seed 1e-3), 16 passes over the 1,024 toy documents
     # (512 steps; seed: 8,192 examples, 256 steps) and LoRA on every linear layer (seed: PEFT's
     # default, query_key_value only, which leaves toy_wmdp at ~0.8 on the toy model). At lr 1e-2
-    # toy_wmdp ended at 0.27-0.33 depending on the build (README, "Figures and machines"), too
-    # close to the 0.35 acceptance bound; 2e-2 unlearns to near chance on every build measured.
+    # toy_wmdp ended at 0.27-0.33 on the two seed-0 builds (README, "Figures and machines"), too
+    # close to the 0.35 acceptance bound; 2e-2 ends at 0.28 on both (0.34 on seed 1).
     "lora_adamw": {"mode.kind": "lora", "optim.name": "adamw", "optim.lr": 2e-2,
                    "loss.retain_coef": 5.0, "loss.remove_coef": 5.0, "batch.epochs": 16,
                    "batch.per_device_batch": 32, "mode.lora_target_modules": ALL_LINEAR_NEOX},
