@@ -1,13 +1,14 @@
 """How much the toy world and the method's acceptance results move between builds.
 
 Builds the toy world for each seed and build thread count (the thread count changes the
-reduction order the way another CPU does) in its own cache, then runs every acceptance check of
-``raylens.acceptance`` on it and prints one markdown row per world: the main and control
-baselines, each check's accuracies and its margin to its bound (negative: violated).
+reduction order the way another CPU does; each has its own content key), then runs every
+acceptance check of ``raylens.acceptance`` on it and prints one markdown row per world: the main
+and control baselines, each check's accuracies and its margin to its bound (negative: violated).
 
     python scripts/toyworld_spread.py --seeds 0 1 2 --threads 1 2 [--cache DIR] [--json F]
 
-About 6 minutes per world on 2 cores (build ~3-4 min, checks ~2-3 min).
+About 10-14 minutes per world on 2 cores (build 4-6.5 min, checks ~7.5 min, LoRA 5 of them).
+``--json`` is rewritten after every world, so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def main() -> int:
     from raylens.acceptance import CHECKS, run_check
     from raylens.config import ToyWorldConfig
 
+    names = [c.name for c in CHECKS]
+    unknown = sorted(set(args.checks or ()) - set(names))
+    if unknown:
+        parser.error(f"--checks {unknown} is invalid: allowed {', '.join(names)}")
     checks = [c for c in CHECKS if args.checks is None or c.name in args.checks]
     head = ["seed", "threads", "build s", "main wmdp", "main mmlu", "control wmdp", "control mmlu"]
     head += [f"{c.name} {m}" for c in checks for m in ("wmdp", "mmlu", "margin")]
@@ -58,8 +63,8 @@ def main() -> int:
                 cells += [f"{accs['toy_wmdp']:.4f}", f"{accs['toy_mmlu']:.4f}", f"{margin:+.4f}"]
             rows.append(row)
             print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
