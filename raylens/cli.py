@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import raylens  # noqa: F401  (sets the offline Hugging Face environment first)
-from raylens.config import EVAL_TASKS, ConfigError, EvalConfig, ToyWorldConfig
+from raylens.config import EVAL_TASKS, ConfigError, EvalConfig, ToyWorldConfig, parse_overrides
 
 
 def _toy_config(args) -> ToyWorldConfig:
@@ -64,7 +64,7 @@ def cmd_demo(args) -> int:
     storage = args.storage or os.environ.get("RAYLENS_STORAGE", "raylens-runs")
     name = args.name or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep = demo_sweep(storage=storage, name=name, num_trials=args.trials,  # validated first
-                       overrides=_parse_overrides(args.set))
+                       overrides=parse_overrides(args.set))
     print("raylens demo: the toy world (hazard = forget domain, general = retain domain)")
     cmd_toyworld_build(args)
     print(f"\nsweep {name}: {sweep.num_trials} trials of the sft_adamw recipe, searching "
@@ -141,16 +141,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _parse_overrides(pairs: list[str]) -> dict[str, str]:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r} is invalid: allowed key=value, e.g. loss.retain_coef=5")
-        overrides[key.strip()] = value.strip()
-    return overrides
-
-
 def _results_table(before: dict, after: dict, in_trial: dict) -> str:
     rows = ["| task | before | after | change | in-trial (fast scorer) |", "|---|---|---|---|---|"]
     for task in after:
@@ -164,13 +154,13 @@ def cmd_unlearn(args) -> int:
     from raylens import tracking
     from raylens.config import TOY, recipe, to_flat
     from raylens.evaluate import hf_lm, run_lm_eval
-    from raylens.model import load_model
+    from raylens.model import compute_context, load_model
     from raylens.evaluate import EvalError
     from raylens.train import (
         FolderCheckpoints, evaluate_live, fit_on_ray, save_run, train, validate,
     )
 
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.workers is not None and args.gpus is not None:
         raise ConfigError(f"--gpus={args.gpus} is invalid with --workers={args.workers}: allowed "
                           "one of them (--gpus N runs N workers with one GPU each)")
@@ -230,7 +220,8 @@ def cmd_unlearn(args) -> int:
             finally:
                 if steps:
                     steps.flush()
-            in_trial = evaluate_live(result.model, result.tokenizer, config.eval, toyworld)
+            with compute_context(config.model, config.mode.kind, "cpu", sharded=False):
+                in_trial = evaluate_live(result.model, result.tokenizer, config.eval, toyworld)
             folder, num_steps = save_run(result, config, out), len(result.history)
             model, tokenizer = result.model, result.tokenizer
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the export supersedes them
@@ -303,6 +294,17 @@ def cmd_ui(args) -> int:
         return 0
 
 
+def cmd_rehearsal_build(args) -> int:
+    from raylens import rehearsal
+    from raylens import toyworld as tw
+
+    folder = Path(args.folder).resolve()
+    rehearsal.build(folder, world=tw.load_or_build(_toy_config(args)))
+    print(f"rehearsal cache written to {folder}; run the real sweeps on it with\n"
+          f"  HF_HOME={folder} python sweeps/lora_adamw.py --set scaling.use_gpu=false ...")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylens", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     build = toy_sub.add_parser("build", help="build or load from cache, print the baseline table")
     seed_option(build)
     build.set_defaults(func=cmd_toyworld_build)
+
+    reh = sub.add_parser("rehearsal", help="an offline cache of stand-ins for the real hub ids")
+    reh_sub = reh.add_subparsers(dest="rehearsal_command", required=True)
+    reh_build = reh_sub.add_parser(
+        "build", help="write it into FOLDER (use as HF_HOME): the model, lens, corpora and "
+                      "evaluation datasets the real sweeps name, real schema, toy content")
+    reh_build.add_argument("folder", help="new or empty folder")
+    seed_option(reh_build)
+    reh_build.set_defaults(func=cmd_rehearsal_build)
 
     ev = sub.add_parser("eval", help="score a model with lm-eval (0-shot)")
     ev.add_argument("--model", default="toy", help="'toy', 'toy-control' or a model folder")

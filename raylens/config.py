@@ -65,7 +65,10 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision; ignored for folders and the toy world."""
     dtype: str = "float32"
-    """Training precision of the weights: float32, bfloat16 or float16."""
+    """Compute dtype: float32, bfloat16 or float16. Full fine-tuning trains fp32 master
+    weights and optimizer state and computes in this dtype (FSDP2 mixed precision, or autocast
+    in one process), its frozen reference held in it; LoRA holds the frozen base in it and the
+    adapter in fp32. The export is written in the source checkpoint's dtype (docs/method.md)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 
@@ -104,7 +107,8 @@ class DataConfig:
     retain_field: str = "page"
     """Hub retain column (JSONL uses ``text``)."""
     retain_shuffle_seed: int = 42
-    """The retain corpus is shuffled with this seed before the first examples are taken."""
+    """A hub retain corpus is shuffled with ``datasets.Dataset.shuffle(seed=...)`` (the seed's
+    order) before the first examples are taken; JSONL files are read in order."""
     num_examples: int = 1024
     """Forget/retain pairs used for training (forget i is paired with retain i)."""
     max_length: int = 2048
@@ -140,6 +144,15 @@ class LossConfig:
     """Schedules ramp over this fraction of the optimizer steps (T_ramp / T)."""
     retain_loss: str = "l2"
     """``l2``: hidden-state distance to the reference; ``kl``: per-token output KL."""
+    retain_layers: str = "target"
+    """Hidden states the ``l2`` retain loss compares: ``target`` (the target layers) or ``all``
+    (every hidden state the model returns, embeddings and final normed state included: the
+    seed's LoRA runs)."""
+    retain_reduction: str = "token"
+    """What the summed retain loss is divided by, over the whole global batch: ``token`` (real
+    tokens: the mean per token, whatever the padding and document lengths), ``sequence``
+    (sequences: a sum per sequence, the seed's KL ``batchmean``) or ``padded_position``
+    (sequences x ``data.max_length``: pads counted as zeros, the seed's LoRA ``nanmean``)."""
 
     def __post_init__(self) -> None:
         s = self._section
@@ -159,6 +172,12 @@ class LossConfig:
         _check_fraction(s, "retain_start", self.retain_start)
         _check_fraction(s, "ramp_fraction", self.ramp_fraction, closed_low=False)
         _check_choice(s, "retain_loss", self.retain_loss, ("l2", "kl"))
+        _check_choice(s, "retain_layers", self.retain_layers, ("target", "all"))
+        _check_choice(s, "retain_reduction", self.retain_reduction,
+                      ("token", "sequence", "padded_position"))
+        if self.retain_loss == "kl" and self.retain_layers != "target":
+            _fail(s, "retain_layers", self.retain_layers, "'target' with retain_loss='kl' "
+                  "(the KL compares output distributions, not hidden states)")
 
 
 @dataclass(frozen=True)
@@ -174,6 +193,13 @@ class OptimConfig:
     """Muon learning rate for the 2-D hidden matrices."""
     adam_lr: float = 3e-4
     """AdamW learning rate for embeddings, unembedding, norms and biases under Muon."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's (beta1, beta2); the seed's Muon runs used (0.9, 0.95) for their AdamW half."""
+    muon_adjust_lr: str = "original"
+    """How Muon scales ``muon_lr`` per matrix (``torch.optim.Muon``'s ``adjust_lr_fn``):
+    ``original`` multiplies by sqrt(max(1, rows/cols)); ``match_rms_adamw`` by
+    0.2 * sqrt(max(rows, cols)), giving updates the RMS of AdamW's, so ``muon_lr`` is on AdamW's
+    scale (the seed's convention: on GPT-NeoX-6.9B its step is 12.8-25.6x the original's)."""
     warmup_ratio: float = 0.0
     """Fraction of steps of linear warmup before the linear decay to 0."""
     weight_decay: float = 0.01
@@ -186,6 +212,12 @@ class OptimConfig:
         _check_choice(s, "name", self.name, ("adamw", "muon"))
         for name in ("lr", "muon_lr", "adam_lr", "grad_clip"):
             _check_positive(s, name, getattr(self, name))
+        betas = self.adam_betas
+        if not (isinstance(betas, tuple) and len(betas) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                for b in betas)):
+            _fail(s, "adam_betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.95]")
+        _check_choice(s, "muon_adjust_lr", self.muon_adjust_lr, ("original", "match_rms_adamw"))
         _check_fraction(s, "warmup_ratio", self.warmup_ratio)
         if self.warmup_ratio == 1:
             _fail(s, "warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
@@ -322,7 +354,7 @@ class AttackConfig:
 
     _section: ClassVar[str] = "attack"
     enabled: bool = False
-    """Run the attack after unlearning."""
+    """Run the attack after unlearning. Not implemented yet: ``true`` is refused."""
     num_examples: int = 512
     """Forget-domain documents used by the attacker."""
     lr: float = 2e-5
@@ -338,6 +370,9 @@ class AttackConfig:
         s = self._section
         if not isinstance(self.enabled, bool):
             _fail(s, "enabled", self.enabled, "true or false")
+        if self.enabled:  # refused rather than silently ignored
+            _fail(s, "enabled", self.enabled, "false: this version runs no fine-tuning attack "
+                  "yet (the attack.* settings are reserved for it)")
         for name in ("num_examples", "global_batch", "epochs", "eval_every"):
             _check_positive(s, name, getattr(self, name), integer=True)
         _check_positive(s, "lr", self.lr)
@@ -550,6 +585,17 @@ def _literal(key: str, text: str) -> Any:
         raise ConfigError(f"{key}={text!r} is invalid: allowed a number or list literal") from None
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["key=value", ...]`` (command-line ``--set``) as a dict; values stay strings."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r} is invalid: allowed key=value, e.g. loss.retain_coef=5")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
 def replace(config: Any, overrides: dict[str, Any]) -> Any:
     """Return ``config`` with dotted-key overrides applied (strings allowed), validated again."""
     flat = to_flat(config)
@@ -560,7 +606,8 @@ def replace(config: Any, overrides: dict[str, Any]) -> Any:
 __all__ = [
     "TOY", "EVAL_TASKS", "ConfigError", "ModelConfig", "LensConfig", "DataConfig", "LossConfig", "OptimConfig",
     "ModeConfig", "BatchConfig", "ScalingConfig", "EvalConfig", "AttackConfig", "TrackingConfig",
-    "UnlearnConfig", "ToyWorldConfig", "SweepConfig", "to_flat", "from_flat", "replace", "RECIPES", "SEED_SETUP",
+    "UnlearnConfig", "ToyWorldConfig", "SweepConfig", "to_flat", "from_flat", "replace",
+    "parse_overrides", "RECIPES", "SEED_SETUP",
     "ALL_LINEAR_NEOX", "recipe",
 ]
 
@@ -582,8 +629,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "sft_adamw": {"mode.kind": "full", "optim.name": "adamw", "optim.lr": 3e-3,
                   "optim.warmup_ratio": 0.5, "loss.retain_coef": 0.05, "loss.remove_coef": 5.0,
                   "batch.epochs": 2},
-    # Full fine-tuning with Muon (seed: muon_lr 0.02, adam_lr 3e-4) for hidden matrices.
-    "sft_muon": {"mode.kind": "full", "optim.name": "muon", "optim.muon_lr": 0.02,
+    # Full fine-tuning with Muon for the hidden matrices and the seed's optimizer: Muon's lr on
+    # AdamW's scale (match_rms_adamw) and AdamW betas (0.9, 0.95). muon_lr 0.01 on the toy
+    # model's 96-wide matrices is the step torch's original scaling took at 0.02 (x1.96; x3.9
+    # for dense_4h_to_h).
+    "sft_muon": {"mode.kind": "full", "optim.name": "muon", "optim.muon_lr": 0.01,
+                 "optim.muon_adjust_lr": "match_rms_adamw", "optim.adam_betas": (0.9, 0.95),
                  "optim.adam_lr": 3e-4, "loss.retain_coef": 0.05, "loss.remove_coef": 5.0,
                  "batch.epochs": 2},
 }

@@ -37,7 +37,10 @@ def _read_jsonl(field: str, path: Path) -> list[str]:
     return texts
 
 
-def _hub_texts(field: str, name: str, subset: str | None, columns: tuple[str, ...]) -> list[str]:
+def _hub_texts(field: str, name: str, subset: str | None, columns: tuple[str, ...],
+               shuffle_seed: int | None = None) -> list[str]:
+    """The documents of a hub dataset's train split, columns joined by blank lines; with
+    ``shuffle_seed``, in the order of ``Dataset.shuffle(seed=...)`` (the seed's retain order)."""
     import datasets
 
     try:
@@ -50,6 +53,8 @@ def _hub_texts(field: str, name: str, subset: str | None, columns: tuple[str, ..
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise ConfigError(f"data.{field}={name!r} lacks columns {missing}; it has {ds.column_names}")
+    if shuffle_seed is not None:
+        ds = ds.shuffle(seed=shuffle_seed)
     return ["\n\n".join(str(row[c]) for c in columns if row[c]) for row in ds]
 
 
@@ -70,10 +75,9 @@ def load_texts(config: DataConfig, toyworld: Path | None = None) -> tuple[list[s
         elif field == "forget":
             sources[field] = _hub_texts(field, source, None, config.forget_fields)
         else:
-            texts = _hub_texts(field, source, config.retain_subset, (config.retain_field,))
-            order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(
-                config.retain_shuffle_seed)).tolist()
-            sources[field] = [texts[i] for i in order if texts[i].strip()]
+            texts = _hub_texts(field, source, config.retain_subset, (config.retain_field,),
+                               shuffle_seed=config.retain_shuffle_seed)
+            sources[field] = [text for text in texts if text.strip()]
     for field, texts in sources.items():
         if len(texts) < config.num_examples:
             raise ConfigError(

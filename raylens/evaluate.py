@@ -8,6 +8,7 @@ their datasets in the local Hugging Face cache. Everything is 0-shot.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,16 @@ class Deadline:
         self.tasks, self.limit_s = list(tasks), limit_s
         self.start = time.monotonic()
 
+    def expired(self) -> bool:
+        return self.limit_s is not None and time.monotonic() - self.start > self.limit_s
+
+    def error(self, done: str = "") -> EvalError:
+        return EvalError(f"evaluation of tasks {self.tasks} exceeded its time limit of "
+                         f"{self.limit_s:g} s (eval.time_limit_s){done}")
+
     def check(self, done: str = "") -> None:
-        if self.limit_s is not None and time.monotonic() - self.start > self.limit_s:
-            raise EvalError(f"evaluation of tasks {self.tasks} exceeded its time limit of "
-                            f"{self.limit_s:g} s (eval.time_limit_s){done}")
+        if self.expired():
+            raise self.error(done)
 
 
 def run_lm_eval(lm, tasks: tuple[str, ...], *, toyworld: Path | None = None,
@@ -278,8 +285,16 @@ def _encode_question(name, leaf, doc_id, instances, task, tokenizer, max_length)
         raise EvalError(f"task {leaf!r} doc {doc_id}: {longest} tokens exceed the model's "
                         f"{max_length}; lm-eval would truncate the prompt")
     gold = task.doc_to_target(instances[0].doc)
-    if isinstance(gold, str):
-        gold = task.doc_to_choice(instances[0].doc).index(gold)
+    if isinstance(gold, str):  # a choice's text, as lm-eval resolves it
+        names = task.doc_to_choice(instances[0].doc)
+        if gold not in names:  # lm-eval would score the question 0 with a warning
+            raise EvalError(f"task {leaf!r} doc {doc_id}: gold label {gold!r} is not one of "
+                            f"its choices {names}")
+        gold = names.index(gold)
+    if isinstance(gold, bool) or not isinstance(gold, numbers.Integral) \
+            or not 0 <= gold < len(choices):
+        raise EvalError(f"task {leaf!r} doc {doc_id}: gold label {gold!r} is not a choice "
+                        f"index 0..{len(choices) - 1}")
     return Question(name, leaf, doc_id, ctx_enc, tuple(c for _, c in choices), int(gold))
 
 
@@ -330,11 +345,14 @@ def _backbone(model):
 
 @torch.no_grad()
 def choice_logliks(model, questions: list[Question], *, batch_size: int = 32,
-                   device=None, deadline: Deadline | None = None) -> list[list[float]]:
+                   device=None, deadline: Deadline | None = None,
+                   before_batch=None) -> list[list[float]]:
     """Each choice's summed log-likelihood given its context, as lm-eval computes it, with one
     forward pass per question: choices are packed after their shared context (a block mask keeps
     them apart) and the unembedding runs only at the positions that score a choice token.
-    Questions are batched by length (longest first) and results come back in input order."""
+    Questions are batched by length (longest first) and results come back in input order.
+    ``before_batch(done)`` runs before each batch (default: ``deadline.check``); sharded
+    callers pass one that decides with all ranks, so no rank leaves a collective forward."""
     root, body, unembed = _backbone(model)
     device = device or next(unembed.parameters()).device
     packed = [_pack(q) for q in questions]
@@ -344,8 +362,11 @@ def choice_logliks(model, questions: list[Question], *, batch_size: int = 32,
     model.eval()
     try:
         for b in range(0, len(order), batch_size):
-            if deadline is not None:
-                deadline.check(f" after {b} of {len(order)} questions")
+            done = f" after {b} of {len(order)} questions"
+            if before_batch is not None:
+                before_batch(done)
+            elif deadline is not None:
+                deadline.check(done)
             rows = order[b:b + batch_size]
             results_rows = _score_batch(body, unembed, root, [questions[i] for i in rows],
                                         [packed[i] for i in rows], device)

@@ -63,6 +63,14 @@ def retain_l2_token_loss(hidden_states, ref_hidden_states, layers, mask) -> torc
     return torch.stack(dists).mean(0) * mask
 
 
+def retain_denominator(reduction: str, *, tokens: float, sequences: int,
+                       max_length: int) -> float:
+    """What the global batch's summed retain loss is divided by (``loss.retain_reduction``):
+    its real tokens, its sequences, or its sequences x ``max_length`` positions."""
+    return {"token": tokens, "sequence": sequences,
+            "padded_position": sequences * max_length}[reduction]
+
+
 def retain_kl_token_loss(logits, ref_logits, mask) -> torch.Tensor:
     """Per token ``KL(ref || model)`` of the output distributions, fp32. Averaged per real token
     it does not grow with sequence length or padding (the seed's bf16 sum over positions and

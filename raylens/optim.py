@@ -49,11 +49,12 @@ def build_optimizers(model, config: OptimConfig) -> list[torch.optim.Optimizer]:
     if groups["muon"]:
         optimizers.append(
             torch.optim.Muon([p for _, p in groups["muon"]], lr=config.muon_lr,
-                             weight_decay=config.weight_decay)
+                             weight_decay=config.weight_decay,
+                             adjust_lr_fn=config.muon_adjust_lr)
         )
     adam_groups = [g for g in adam_groups if g["params"]]
     if adam_groups:
-        optimizers.append(torch.optim.AdamW(adam_groups, lr=adam_lr))
+        optimizers.append(torch.optim.AdamW(adam_groups, lr=adam_lr, betas=config.adam_betas))
     if not optimizers:
         raise ValueError("the model has no trainable parameters")
     return optimizers

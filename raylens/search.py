@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,12 @@ import optuna
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from raylens.config import SweepConfig, replace, to_flat
+from raylens.config import ConfigError, SweepConfig, parse_overrides, replace, to_flat
 from raylens.tracking import (
     Tracker, fail_open_trial, finish_sweep, pareto_front, record_failure, record_trial,
     start_sweep, trial_run, update_front,
 )
-from raylens.train import evaluate_base, fit_on_ray
+from raylens.train import evaluate_base, fit_on_ray, validate
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
 """Custom resource a trial's driver holds (one per trial): clusters declare how many trials run
@@ -362,15 +363,25 @@ def sweep_main(real: SweepConfig, toy: SweepConfig, argv: list[str] | None = Non
     parser.add_argument("--trials", type=int, default=None, help="override the trial budget")
     parser.add_argument("--storage", default=os.environ.get("RAYLENS_STORAGE"),
                         help="storage root (default $RAYLENS_STORAGE, else the sweep's own)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a base setting (flat key, e.g. data.num_examples=64); "
+                             "repeatable")
     args = parser.parse_args(argv)
-    sweep = toy if args.toy else real
-    changes = {k: v for k, v in (("num_trials", args.trials), ("storage", args.storage)) if v}
-    sweep = dataclasses.replace(sweep, **changes)
-    toyworld = None
-    if args.toy:
-        from raylens import toyworld as tw
+    try:  # bad input is one line naming the field, before any compute (as the CLI does)
+        sweep = toy if args.toy else real
+        base = replace(sweep.base, parse_overrides(args.set)) if args.set else sweep.base
+        changes = {k: v for k, v in (("num_trials", args.trials), ("storage", args.storage))
+                   if v is not None}
+        sweep = dataclasses.replace(sweep, base=base, **changes)
+        toyworld = None
+        if args.toy:
+            from raylens import toyworld as tw
 
-        toyworld = tw.load_or_build().root
+            toyworld = tw.load_or_build().root
+        validate(sweep.base, toyworld)
+    except ConfigError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     connect_or_start(sweep)
     rows = run_sweep(sweep, toyworld=toyworld)
     print(front_table(rows, sweep))

@@ -19,17 +19,19 @@ from pathlib import Path
 
 import torch
 
+from raylens.collectives import all_gather, all_reduce_sum, any_rank, rank_and_world
 from raylens.config import TOY, ConfigError, EvalConfig, UnlearnConfig, from_flat, to_flat
 from raylens.data import load_paired, load_texts
 from raylens.evaluate import Deadline, EvalError, accuracy, choice_logliks, load_questions, predictions, shard
 from raylens.lens import load_lens
 from raylens.losses import (
-    batch_targets, example_targets, forget_token_loss, loss_weights, retain_kl_token_loss,
-    retain_l2_token_loss,
+    batch_targets, example_targets, forget_token_loss, loss_weights, retain_denominator,
+    retain_kl_token_loss, retain_l2_token_loss,
 )
 from raylens.model import (
-    Reference, apply_lora, export, gather_full_state_dict, load_model, load_model_config,
-    load_tokenizer, resolve_target_layers, shard_fsdp2,
+    DTYPES, Reference, apply_lora, checkpoint_dtype, compute_context, export,
+    gather_full_state_dict, load_model, load_model_config, load_sharded, load_tokenizer,
+    master_dtype, resolve_target_layers,
 )
 from raylens.optim import build_optimizers, build_schedulers
 from raylens.tracking import STEP_METRICS, StepLogger
@@ -48,6 +50,10 @@ class TrainResult:
     resident_bytes: int = 0
     """This rank's parameters, gradients and optimizer state after the first step (the frozen
     full-mode reference included), local shards only."""
+    source_dtype: torch.dtype = torch.float32
+    """The dtype of the source checkpoint: the export is written in it."""
+    reference: object = None
+    """The frozen reference the retain loss compared against."""
 
 
 def _lens_source(config: UnlearnConfig, toyworld: Path | None) -> str:
@@ -77,17 +83,23 @@ def evaluate_live(model, tokenizer, ev: EvalConfig,
     """Score the live model (plain, LoRA or FSDP2-sharded) with the fast scorer, inside the run:
     each rank scores its share of the questions and the log-likelihoods are gathered, so every
     rank returns the same ``{task: {"acc", "acc_stderr", "n", "subset", "predictions"}}``."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     questions = _eval_questions(ev, tokenizer, toyworld, model.config)
     deadline = Deadline(ev.tasks, ev.time_limit_s)
+
+    def before_batch(done: str) -> None:
+        # every rank stops at the same batch: a rank leaving alone would strand the others in
+        # a collective forward (FSDP2) or gather (DDP)
+        if any_rank(deadline.expired()):
+            raise deadline.error(done)
+
     results = {}
     for task, qs in questions.items():
         mine = shard(qs, rank, world)
         logliks = choice_logliks(model, [qs[i] for i in mine], batch_size=ev.batch_size,
-                                 deadline=deadline)
+                                 before_batch=before_batch)
         if world > 1:
-            parts = [None] * world
-            torch.distributed.all_gather_object(parts, list(zip(mine, logliks)))
+            parts = all_gather(list(zip(mine, logliks)))
             merged = dict(pair for part in parts for pair in part)
             logliks = [merged[i] for i in range(len(qs))]
         results[task] = {**accuracy(qs, logliks), "subset": ev.subset,
@@ -105,44 +117,49 @@ def evaluate_base(config: UnlearnConfig, toyworld: Path | None = None) -> dict[s
     return {task: {k: v for k, v in s.items() if k != "predictions"} for task, s in scores.items()}
 
 
-def prepare(config: UnlearnConfig, toyworld: Path | None = None):
-    """Model (LoRA-wrapped or fully trainable), tokenizer, frozen lens, reference, target layers."""
+def prepare(config: UnlearnConfig, toyworld: Path | None = None, *, sharded: bool = False,
+            device=None):
+    """Model (LoRA-wrapped or fully trainable), tokenizer, frozen lens, reference, target layers;
+    weights in the dtypes of the precision policy (``raylens.model``). ``sharded``: full
+    fine-tuning under FSDP2, built on the meta device and loaded shard by shard onto
+    ``device`` (``load_sharded``)."""
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, toyworld)
+    if sharded:
+        model, frozen, head = load_sharded(config.model, toyworld, device=device)
+        tokenizer = load_tokenizer(config.model, toyworld)
+    else:
+        model, tokenizer = load_model(config.model, toyworld,
+                                      dtype=master_dtype(config.mode.kind, config.model))
+        frozen, head = None, model
     layers = resolve_target_layers(config.loss.target_layers, model.config.num_hidden_layers)
     # the lens copies the final norm and unembedding now, before any weight changes
-    lens = load_lens(model, _lens_source(config, toyworld), config.lens.revision).float()
+    lens = load_lens(head, _lens_source(config, toyworld), config.lens.revision).float()
     if config.mode.kind == "lora":
         model = apply_lora(model, config.mode, layers,
                            gradient_checkpointing=config.model.gradient_checkpointing)
-    reference = Reference(model, config.mode.kind)
+    reference = Reference(model, config.mode.kind, DTYPES[config.model.dtype], frozen=frozen)
     model.train()
     return model, tokenizer, lens, reference, layers
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum ``values`` over ranks (a no-op in one process)."""
-    if _rank_and_world()[1] == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
+def _sharded(config: UnlearnConfig) -> bool:
+    """Whether the model is sharded with FSDP2: full fine-tuning in a process group."""
+    return config.mode.kind == "full" and torch.distributed.is_initialized()
 
 
 def _device(config: UnlearnConfig) -> torch.device:
+    """CPU, or the GPU this process owns: Ray Train's (the one it made current, which FSDP2's
+    mesh uses) inside a Ray Train worker, else the current CUDA device."""
     if not config.scaling.use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("scaling.use_gpu=True is invalid here: this process sees no CUDA device")
-    import os
+    try:
+        import ray.train.torch
 
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return ray.train.torch.get_device()
+    except (ImportError, RuntimeError, AssertionError):  # not inside a Ray Train worker
+        return torch.device("cuda", torch.cuda.current_device())
 
 
 # Keys that may change between a checkpoint and its resume: they steer fault tolerance, not the run.
@@ -222,7 +239,7 @@ def _write_checkpoint(folder: Path, *, model, optimizers, schedulers, step: int,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     model_state, optim_state = get_state_dict(model, optimizers, options=_state_dict_options())
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder),
              no_dist=world == 1)
@@ -242,7 +259,7 @@ def _read_checkpoint(folder: Path, *, model, optimizers, schedulers,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     meta = json.loads((folder / "trainer.json").read_text())
     if meta["world"] != world:
         raise ConfigError(
@@ -303,7 +320,7 @@ def _resident_bytes(*modules, optimizers=()) -> int:
 
 
 def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
-          checkpoints=None, on_step=None) -> TrainResult:
+          checkpoints=None, on_step=None, device: torch.device | None = None) -> TrainResult:
     """Run the unlearning loop and return the live model and its history.
 
     In one process, or as one of ``scaling.num_workers`` ranks of a process group (Ray Train):
@@ -312,26 +329,30 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
     reference); either way gradients are reduced only at the last micro-batch of a step, and the
     step equals the one-process step. ``checkpoints`` (``FolderCheckpoints`` or
     ``RayCheckpoints``) resumes from its latest checkpoint and writes one every
-    ``scaling.checkpoint_every`` steps; ``on_step(record)`` sees every step's metrics."""
-    rank, world = _rank_and_world()
+    ``scaling.checkpoint_every`` steps; ``on_step(record)`` sees every step's metrics.
+    ``device``: where to train (default: CPU, or the current GPU with ``scaling.use_gpu``)."""
+    rank, world = rank_and_world()
     if world != config.scaling.num_workers:
         raise ConfigError(
             f"scaling.num_workers={config.scaling.num_workers} is invalid: this process group "
             f"has {world} ranks"
         )
-    device = _device(config)
-    model, tokenizer, lens, reference, layers = prepare(config, toyworld)
+    device = device or _device(config)
+    source_dtype = checkpoint_dtype(load_model_config(config.model, toyworld))
+    # full fine-tuning in a process group is sharded with FSDP2 (one rank included: the same
+    # code as N ranks); LoRA runs under DDP
+    sharded = _sharded(config)
+    model, tokenizer, lens, reference, layers = prepare(config, toyworld, sharded=sharded,
+                                                        device=device)
+    if rank:  # dropout masks: rank 0 keeps the one-process stream, the others draw their own
+        torch.manual_seed(config.seed * 1_000_003 + rank)
     model.to(device)
     lens.to(device)
     if config.mode.kind == "full":
         reference.model.to(device)
     data = load_paired(config.data, tokenizer, toyworld)
     forward = model
-    sharded = world > 1 and config.mode.kind == "full"
-    if sharded:
-        shard_fsdp2(model, bf16=config.scaling.use_gpu)
-        shard_fsdp2(reference.model, bf16=config.scaling.use_gpu)
-    elif world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         # the adapter of block max(L) gets no gradient: its output, hidden_states[max(L) + 1],
@@ -355,8 +376,12 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
     log_every = max(1, total_steps // 32)  # ~32 log lines per run; every step is in history
     vocab = lens.unembed.unembedding.out_features
     loss_cfg = config.loss
+    # hidden_states holds the embeddings and the output of every block: num_layers + 1
+    retain_layers = layers if loss_cfg.retain_layers == "target" \
+        else tuple(range(model.config.num_hidden_layers + 1))
     every = config.scaling.checkpoint_every
     resident = None
+    precision = compute_context(config.model, config.mode.kind, device, sharded=sharded)
     for step in range(first, total_steps):
         epoch, i = divmod(step, steps_per_epoch)
         start = time.perf_counter()
@@ -364,7 +389,7 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
         indices = indices[rank * local_batch : (rank + 1) * local_batch]
         micro_indices = [indices[j : j + micro] for j in range(0, local_batch, micro)]
         batches = [(f.to(device), r.to(device)) for f, r in map(data.batch, micro_indices)]
-        num_forget, num_retain = _all_reduce_sum([
+        num_forget, num_retain = all_reduce_sum([
             sum(f.num_tokens for f, _ in batches), sum(r.num_tokens for _, r in batches)
         ])
         c_r, c_f = loss_weights(step, total_steps, retain_coef=loss_cfg.retain_coef,
@@ -384,25 +409,29 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
                 model.set_requires_gradient_sync(last)
             with forward.no_sync() if world > 1 and not sharded and not last \
                     else contextlib.nullcontext():
-                out = forward(input_ids=forget.input_ids,
-                              attention_mask=forget.attention_mask, output_hidden_states=True)
+                with precision:
+                    out = forward(input_ids=forget.input_ids,
+                                  attention_mask=forget.attention_mask, output_hidden_states=True)
                 l_forget = forget_token_loss(lens, out.hidden_states, layers,
                                              forget.attention_mask, targets).sum() / num_forget
-                out = forward(input_ids=retain.input_ids,
-                              attention_mask=retain.attention_mask, output_hidden_states=True)
-                ref = reference(retain.input_ids, retain.attention_mask)
+                with precision:
+                    out = forward(input_ids=retain.input_ids,
+                                  attention_mask=retain.attention_mask, output_hidden_states=True)
+                    ref = reference(retain.input_ids, retain.attention_mask)
                 if loss_cfg.retain_loss == "l2":
                     per_token = retain_l2_token_loss(out.hidden_states, ref.hidden_states,
-                                                     layers, retain.attention_mask)
+                                                     retain_layers, retain.attention_mask)
                 else:
                     per_token = retain_kl_token_loss(out.logits, ref.logits,
                                                      retain.attention_mask)
-                l_retain = per_token.sum() / num_retain
+                l_retain = per_token.sum() / retain_denominator(
+                    loss_cfg.retain_reduction, tokens=num_retain, sequences=global_batch,
+                    max_length=config.data.max_length)
                 # DDP divides by the number of ranks; the token counts are already global
                 (world * (c_r * l_retain + c_f * l_forget)).backward()
             forget_sum += l_forget.item()
             retain_sum += l_retain.item()
-        forget_sum, retain_sum = _all_reduce_sum([forget_sum, retain_sum])
+        forget_sum, retain_sum = all_reduce_sum([forget_sum, retain_sum])
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                      else grad_norm).item()
@@ -438,7 +467,8 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
             on_step(record)
     model.eval()
     return TrainResult(model, tokenizer, history, layers, resumed_from=first,
-                       resident_bytes=resident or 0)
+                       resident_bytes=resident or 0, source_dtype=source_dtype,
+                       reference=reference)
 
 
 def save_run(result: TrainResult, config: UnlearnConfig, out: Path) -> Path:
@@ -450,7 +480,8 @@ def save_run(result: TrainResult, config: UnlearnConfig, out: Path) -> Path:
     with open(out / "history.jsonl", "w") as f:
         for record in result.history:
             f.write(json.dumps(record) + "\n")
-    folder, result.model = export(result.model, result.tokenizer, out, config.mode.kind)
+    folder, result.model = export(result.model, result.tokenizer, out, config.mode.kind,
+                                  result.source_dtype)
     return folder
 
 
@@ -462,7 +493,9 @@ def parameter_digest(model) -> str:
     for name, param in model.named_parameters():
         if param.requires_grad:
             digest.update(name.encode())
-            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+            # the raw bytes: numpy has no bfloat16, and a cast could hide a difference
+            digest.update(param.detach().cpu().contiguous().flatten().view(torch.uint8)
+                          .numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -504,7 +537,7 @@ def _ray_worker(loop_config: dict) -> None:
 
     config = from_flat(UnlearnConfig, loop_config["config"])
     toyworld = Path(loop_config["toyworld"]) if loop_config["toyworld"] else None
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     metrics = RayStepMetrics(loop_config["name"]) if rank == 0 else None
     curves = StepLogger(*loop_config["mlflow"]) if rank == 0 and loop_config.get("mlflow") \
         else None
@@ -517,32 +550,32 @@ def _ray_worker(loop_config: dict) -> None:
 
     try:
         result = train(config, toyworld=toyworld, log=print if rank == 0 else (lambda *_: None),
-                       checkpoints=RayCheckpoints(), on_step=on_step)
+                       checkpoints=RayCheckpoints(), on_step=on_step, device=_device(config))
     finally:  # the curve up to a crash is kept; a restart skips the steps already logged
         if curves:
             curves.flush()
     scores, eval_error = None, None
     if loop_config.get("evaluate"):
         try:  # on the live (sharded) model: no export/reload round trip
-            scores = evaluate_live(result.model, result.tokenizer, config.eval, toyworld)
+            with compute_context(config.model, config.mode.kind, _device(config),
+                                 sharded=_sharded(config)):
+                scores = evaluate_live(result.model, result.tokenizer, config.eval, toyworld)
         except EvalError as exc:  # the trained model is still exported; the reason is recorded
             eval_error = str(exc)
-    memory = [None] * world
-    torch.distributed.all_gather_object(memory, {
-        "resident_mb": result.resident_bytes / 2**20,
-        "peak_mb": _peak_memory_mb(config.scaling.use_gpu)})
-    if config.mode.kind == "full" and world > 1:
+    memory = all_gather({"resident_mb": result.resident_bytes / 2**20,
+                         "peak_mb": _peak_memory_mb(config.scaling.use_gpu)})
+    if _sharded(config):
         # FSDP2: each rank holds a shard; gather the full weights into a plain model on rank 0
         state = gather_full_state_dict(result.model)
         digests = []
         if rank == 0:
-            plain, _ = load_model(config.model, toyworld)
+            # in the export's dtype: load_state_dict casts the fp32 master weights into it
+            plain, _ = load_model(config.model, toyworld, dtype=result.source_dtype)
             plain.load_state_dict(state)
             result.model = plain.eval()
             digests = [parameter_digest(plain)]
     else:
-        digests = [None] * world
-        torch.distributed.all_gather_object(digests, parameter_digest(result.model))
+        digests = all_gather(parameter_digest(result.model))
         if len(set(digests)) != 1:
             raise RuntimeError(f"ranks diverged after training: parameter digests {digests}")
     report = {**result.history[-1], "num_steps": len(result.history), "rank_digests": digests,

@@ -2,7 +2,9 @@
 examples, 256 steps -> WMDP-Bio-Robust 23.16 %, MMLU 43.04 %).
 
 The log tried one point and one doubling of the data (which collapsed MMLU). Here Optuna searches
-the two coefficients and the lr around it on a log scale.
+the two coefficients and the lr around it on a log scale. The base point is that run with its own
+objective (docs/method.md, "The seed's objectives"): retain L2 over all 33 hidden states, averaged
+over every padded position, retain weight ramping from 0.
 
     ray submit cluster.yaml sweeps/lora_adamw.py
     python sweeps/lora_adamw.py --toy
@@ -17,6 +19,8 @@ REAL_BASE = recipe("lora_adamw", {**SEED_SETUP,
     "data.num_examples": 8192, "batch.per_device_batch": 4, "loss.retain_coef": 5.0,
     "loss.remove_coef": 5.0, "optim.lr": 1e-3,
     "mode.lora_target_modules": None,  # PEFT's default for GPT-NeoX, as in the seed
+    "loss.retain_layers": "all", "loss.retain_reduction": "padded_position",
+    "loss.retain_start": 0.0,
     "scaling.num_workers": 4, "scaling.checkpoint_every": 64,
 })
 REAL = SweepConfig(

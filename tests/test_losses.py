@@ -168,3 +168,56 @@ def test_lr_warmup_then_linear_decay_to_zero():
     assert factors[5] == 1.0 and factors[10] == 0.0
     assert all(a > b for a, b in zip(factors[5:], factors[6:]))
     assert lr_factor(0, 10, 0.0) == 1.0
+
+
+def _padded_pair(max_length=12, seed=0):
+    """A model and a perturbed copy on two right-padded sequences (lengths 5 and 9) padded to
+    ``max_length``, as the seed padded every document to 2048."""
+    model, other = tiny_model(seed=0), tiny_model(seed=1)
+    gen = torch.Generator().manual_seed(seed)
+    batch = collate([torch.randint(11, (5,), generator=gen).tolist(),
+                     torch.randint(11, (9,), generator=gen).tolist()], pad_id=0)
+    ids = torch.zeros(2, max_length, dtype=torch.long)
+    mask = torch.zeros(2, max_length, dtype=torch.long)
+    ids[:, :batch.input_ids.shape[1]], mask[:, :batch.input_ids.shape[1]] = \
+        batch.input_ids, batch.attention_mask
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        ref = other(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return out, ref, mask
+
+
+def test_seed_lora_retain_l2_all_states_pads_counted_equals_the_seeds_formula():
+    """loss.retain_layers=all + retain_reduction=padded_position is the seed's LoRA retain loss:
+    the L2 distance of every hidden state (embeddings and final normed state included), pads
+    zeroed, averaged over all padded positions with ``nanmean``."""
+    from raylens.losses import retain_denominator
+
+    out, ref, mask = _padded_pair(max_length=12)
+    every = tuple(range(len(out.hidden_states)))
+    assert len(every) == 4  # 3 blocks + embeddings
+    ours = retain_l2_token_loss(out.hidden_states, ref.hidden_states, every, mask).sum() / \
+        retain_denominator("padded_position", tokens=int(mask.sum()), sequences=2, max_length=12)
+    lora_hs = torch.stack(out.hidden_states) * mask[None, :, :, None]
+    ref_hs = torch.stack(ref.hidden_states) * mask[None, :, :, None]
+    seed = torch.norm(lora_hs - ref_hs, dim=-1, p=2, dtype=torch.float).nanmean()
+    assert float(ours) == pytest.approx(float(seed), rel=1e-6)
+    # raylens's default differs by the share of real tokens and the layers compared
+    per_token = retain_l2_token_loss(out.hidden_states, ref.hidden_states, every, mask).sum() / \
+        retain_denominator("token", tokens=int(mask.sum()), sequences=2, max_length=12)
+    assert float(per_token) == pytest.approx(float(seed) * 24 / 14, rel=1e-6)
+
+
+def test_seed_kl_batchmean_equals_torch_kl_div_batchmean():
+    """loss.retain_loss=kl + retain_reduction=sequence is ``F.kl_div(log p, p_ref,
+    reduction="batchmean")``: summed over positions and vocabulary, divided by sequences."""
+    from raylens.losses import retain_denominator
+
+    out, ref, mask = _padded_pair()
+    ours = retain_kl_token_loss(out.logits, ref.logits, mask).sum() / retain_denominator(
+        "sequence", tokens=int(mask.sum()), sequences=2, max_length=12)
+    real = mask.bool()
+    seed = torch.nn.functional.kl_div(out.logits[real].log_softmax(-1)[None],
+                                      ref.logits[real].softmax(-1)[None],
+                                      reduction="sum") / 2
+    assert float(ours) == pytest.approx(float(seed), rel=1e-5)

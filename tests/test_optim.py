@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -72,3 +73,34 @@ def test_adamw_half_matches_torch_adamw():
         assert torch.equal(a, b), name
     # the update moved every parameter group
     assert not torch.equal(ours.gpt_neox.embed_in.weight, tiny_neox().gpt_neox.embed_in.weight)
+
+
+def test_seed_muon_convention_scales_each_matrix_step_by_its_shape():
+    """``match_rms_adamw`` multiplies a matrix's step by 0.2 * sqrt(max(A, B)), ``original`` by
+    sqrt(max(1, A/B)): at the same muon_lr the two updates differ by exactly that ratio (6.4 on
+    a 1024x1024 matrix, 12.8x-25.6x on GPT-NeoX-6.9B's); the AdamW half gets the betas."""
+    for rows, cols in ((64, 64), (192, 64), (64, 256)):
+        updates = {}
+        for rule in ("original", "match_rms_adamw"):
+            torch.manual_seed(0)
+            weight = torch.nn.Parameter(torch.randn(rows, cols) * 0.02)
+            start = weight.detach().clone()
+            opt = torch.optim.Muon([weight], lr=1e-3, weight_decay=0.0, adjust_lr_fn=rule)
+            weight.grad = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1))
+            opt.step()
+            updates[rule] = (weight.detach() - start).norm()
+        expected = 0.2 * max(rows, cols) ** 0.5 / max(1, rows / cols) ** 0.5
+        assert float(updates["match_rms_adamw"] / updates["original"]) == \
+            pytest.approx(expected, rel=1e-4)
+    model = tiny_neox()
+    config = OptimConfig(name="muon", muon_adjust_lr="match_rms_adamw", adam_betas=(0.9, 0.95))
+    muon, adamw = build_optimizers(model, config)
+    assert muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
+    assert {g["betas"] for g in adamw.param_groups} == {(0.9, 0.95)}
+
+
+def test_muon_recipes_use_the_seed_optimizer():
+    from raylens.config import recipe
+
+    optim = recipe("sft_muon").optim
+    assert optim.muon_adjust_lr == "match_rms_adamw" and optim.adam_betas == (0.9, 0.95)

@@ -189,3 +189,32 @@ def test_in_loop_lm_eval_keeps_rng_and_scores_in_eval_mode(models, world):
     assert random.getstate() == states[0]
     assert (np.random.get_state()[1] == states[1]).all()
     assert torch.equal(torch.get_rng_state(), states[2])
+
+
+def test_a_gold_label_that_names_no_choice_is_an_eval_error(world, tmp_path):
+    """A string gold that is not a choice's text (a digit stored as a string): lm-eval would
+    score the question 0 with a warning; the scorer refuses with an ``EvalError`` naming task
+    and document (which a trial records), not a bare ``ValueError`` that kills the worker."""
+    gold, message = '"2"', "gold label '2' is not one of its choices"
+    from transformers import AutoTokenizer
+
+    from raylens.evaluate import EvalError
+
+    (tmp_path / "q.jsonl").write_text(
+        f'{{"question": "x", "choices": ["a", "b", "c", "d"], "answer": {gold}}}\n')
+    (tmp_path / "toy_badgold.yaml").write_text(f"""task: toy_badgold
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'q.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+""")
+    tokenizer = AutoTokenizer.from_pretrained(world.model)
+    with pytest.raises(EvalError, match=f"task 'toy_badgold' doc 0: {message}"):
+        load_questions(("toy_badgold",), tokenizer, include=(str(tmp_path),))

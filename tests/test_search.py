@@ -73,6 +73,21 @@ SEED_GRID = {
 }
 
 
+# (file, the objective and optimizer of its seed table: docs/method.md)
+SEED_OBJECTIVE = {
+    "lora_adamw": {"loss.retain_loss": "l2", "loss.retain_layers": "all",
+                   "loss.retain_reduction": "padded_position", "loss.retain_start": 0.0},
+    "sft_adamw": {"loss.retain_loss": "kl", "loss.retain_reduction": "sequence",
+                  "loss.retain_start": 0.25, "optim.adam_betas": [0.9, 0.999]},
+    "sft_muon": {"loss.retain_loss": "kl", "loss.retain_reduction": "sequence",
+                 "loss.retain_start": 0.0, "optim.muon_adjust_lr": "match_rms_adamw",
+                 "optim.adam_betas": [0.9, 0.95]},
+    "fsdp2_muon": {"loss.retain_loss": "kl", "loss.retain_reduction": "sequence",
+                   "loss.retain_start": 0.25, "optim.muon_adjust_lr": "match_rms_adamw",
+                   "optim.adam_betas": [0.9, 0.95]},
+}
+
+
 @pytest.mark.parametrize("name", sorted(SEED_GRID))
 def test_sweep_files_build_the_seed_recipes_without_a_gpu(name):
     spec = importlib.util.spec_from_file_location(f"sweep_{name}", REPO / "sweeps" / f"{name}.py")
@@ -90,6 +105,9 @@ def test_sweep_files_build_the_seed_recipes_without_a_gpu(name):
         kind, low, high = real.space[key]
         assert kind == "log" and all(low <= v <= high for v in values), key
     assert toy.base.model.name_or_path == "toy" and toy.num_trials >= 1
+    assert {key: flat[key] for key in SEED_OBJECTIVE[name]} == SEED_OBJECTIVE[name]
+    # full fine-tuning keeps fp32 master weights whatever the compute dtype
+    assert flat["model.dtype"] == "bfloat16"
 
 
 def test_cluster_yaml_validates_offline_with_rays_own_schema():
