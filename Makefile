@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # in an empty cache with another thread count (see README, "Figures and machines").
 FRESH_WORLD ?= {"build_threads": 1}
 
-.PHONY: install demo test test-fresh-world test-slow bench
+.PHONY: install demo test test-fresh-world test-rehearsal test-slow test-gpu bench
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,14 @@ test: install
 test-fresh-world: install
 	cache="$$(mktemp -d)"; RAYLENS_CACHE="$$cache" RAYLENS_TOYWORLD='$(FRESH_WORLD)' \
 	    $(VENV)/bin/python -m pytest -q; rc=$$?; rm -rf "$$cache"; exit $$rc
+
+# The four real sweep files, unmodified, on an offline cache of stand-ins for their hub ids.
+test-rehearsal: install
+	$(VENV)/bin/python -m pytest -q -m rehearsal tests/test_rehearsal.py
+
+# On a GPU machine: the real shapes (6.9B LoRA, 2.8B FSDP2) for one step each, see bench/gpu.py.
+test-gpu: install
+	$(VENV)/bin/python bench/gpu.py
 
 test-slow: install
 	$(PY) -m pip install --quiet -e ".[test,ui-test]"

@@ -607,7 +607,7 @@ __all__ = [
     "TOY", "EVAL_TASKS", "ConfigError", "ModelConfig", "LensConfig", "DataConfig", "LossConfig", "OptimConfig",
     "ModeConfig", "BatchConfig", "ScalingConfig", "EvalConfig", "AttackConfig", "TrackingConfig",
     "UnlearnConfig", "ToyWorldConfig", "SweepConfig", "to_flat", "from_flat", "replace",
-    "parse_overrides", "RECIPES", "SEED_SETUP",
+    "parse_overrides", "replace_sweep", "RECIPES", "SEED_SETUP",
     "ALL_LINEAR_NEOX", "recipe",
 ]
 
@@ -660,6 +660,22 @@ def recipe(name: str, overrides: dict[str, Any] | None = None) -> UnlearnConfig:
     if name not in RECIPES:
         raise ConfigError(f"recipe={name!r} is invalid: allowed one of {', '.join(RECIPES)}")
     return replace(UnlearnConfig(), {**RECIPES[name], **(overrides or {})})
+
+
+def replace_sweep(sweep: "SweepConfig", fields: dict[str, Any],
+                  base: dict[str, Any] | None = None) -> "SweepConfig":
+    """``sweep`` with scalar ``fields`` changed (strings allowed, converted to the field's type)
+    and dotted-key ``base`` overrides applied to its base run; validated again."""
+    hints = typing.get_type_hints(SweepConfig)
+    scalars = {f.name for f in dataclasses.fields(SweepConfig)} - {"base", "space"}
+    unknown = sorted(set(fields) - scalars)
+    if unknown:
+        raise ConfigError(f"sweep settings {unknown} are invalid: allowed "
+                          f"{', '.join('sweep.' + n for n in sorted(scalars))}")
+    changes = {k: _coerce(f"sweep.{k}", v, hints[k]) for k, v in fields.items()}
+    if base:
+        changes["base"] = replace(sweep.base, base)
+    return dataclasses.replace(sweep, **changes)
 
 
 SPACE_KINDS = ("log", "uniform", "int", "choice")

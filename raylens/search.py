@@ -25,7 +25,9 @@ import optuna
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from raylens.config import ConfigError, SweepConfig, parse_overrides, replace, to_flat
+from raylens.config import (
+    ConfigError, SweepConfig, parse_overrides, replace, replace_sweep, to_flat,
+)
 from raylens.tracking import (
     Tracker, fail_open_trial, finish_sweep, pareto_front, record_failure, record_trial,
     start_sweep, trial_run, update_front,
@@ -364,15 +366,17 @@ def sweep_main(real: SweepConfig, toy: SweepConfig, argv: list[str] | None = Non
     parser.add_argument("--storage", default=os.environ.get("RAYLENS_STORAGE"),
                         help="storage root (default $RAYLENS_STORAGE, else the sweep's own)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a base setting (flat key, e.g. data.num_examples=64); "
-                             "repeatable")
+                        help="override a base setting (flat key, e.g. data.num_examples=64) "
+                             "or a sweep setting (sweep.retain_floor=0.2); repeatable")
     args = parser.parse_args(argv)
     try:  # bad input is one line naming the field, before any compute (as the CLI does)
         sweep = toy if args.toy else real
-        base = replace(sweep.base, parse_overrides(args.set)) if args.set else sweep.base
+        overrides = parse_overrides(args.set)
+        own = {k[len("sweep."):]: v for k, v in overrides.items() if k.startswith("sweep.")}
+        base = {k: v for k, v in overrides.items() if not k.startswith("sweep.")}
         changes = {k: v for k, v in (("num_trials", args.trials), ("storage", args.storage))
                    if v is not None}
-        sweep = dataclasses.replace(sweep, base=base, **changes)
+        sweep = replace_sweep(sweep, {**own, **changes}, base)
         toyworld = None
         if args.toy:
             from raylens import toyworld as tw
