@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -151,7 +152,6 @@ def run(name: str, recipe_name: str, shape: dict, world, root: Path, *, smoke: b
     report = fit_on_ray(config, out=out, storage_path=root / "ray", toyworld=world.root,
                         name=f"gpu-{name}")
     fit_s = time.perf_counter() - start
-    last = report  # the last step's metrics are at the top level of the report
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     step = history[-1]
     tokens = step["tokens_per_s"]  # forget + retain tokens per second of the last step
@@ -159,7 +159,7 @@ def run(name: str, recipe_name: str, shape: dict, world, root: Path, *, smoke: b
     flops_per_s = tokens * per_token + tokens / 2 * 2 * n  # retain is half the tokens
     result = {
         "run": name, "recipe": recipe_name, "non_embedding_params": n, "setup_s": setup_s,
-        "fit_s": fit_s, "steps": last["num_steps"], "tokens_per_s": tokens,
+        "fit_s": fit_s, "steps": report["num_steps"], "tokens_per_s": tokens,
         "mfu": flops_per_s / PEAK_FLOPS, "peak_mb": report["memory_per_rank"][0]["peak_mb"],
         "resident_mb": report["memory_per_rank"][0]["resident_mb"],
         "in_trial": {t: s["acc"] for t, s in (report["eval"] or {}).items()},
@@ -193,8 +193,7 @@ def main(argv=None) -> int:
             for check, passed in checks.items():
                 print(f"{name} {check}: {'ok' if passed else 'FAILED'}")
                 ok &= passed
-            Path(tmp, f"model-{name}").exists() and __import__("shutil").rmtree(
-                Path(tmp, f"model-{name}"))
+            shutil.rmtree(Path(tmp, f"model-{name}"), ignore_errors=True)  # disk: 14 GB
     ray.shutdown()
     print(f"| run | params (non-emb.) | tokens/s | MFU | peak GPU MB | fast s | lm-eval s | "
           f"agreement |\n|---|---|---|---|---|---|---|---|")

@@ -121,10 +121,13 @@ def cmd_eval(args) -> int:
     toyworld = toyworld or default_world
     if args.scorer == "fast":
         from raylens.config import ModelConfig
-        from raylens.model import load_model
+        from raylens.evaluate import scoring_device
+        from raylens.model import checkpoint_dtype, load_model, load_model_config
         from raylens.train import evaluate_live
 
-        model, tokenizer = load_model(ModelConfig(name_or_path=str(folder)))
+        source = ModelConfig(name_or_path=str(folder))
+        model, tokenizer = load_model(source, dtype=checkpoint_dtype(load_model_config(source)))
+        model = model.to(scoring_device())
         results = evaluate_live(model, tokenizer, eval_config, toyworld)
         for r in results.values():
             r.pop("predictions")
@@ -153,9 +156,8 @@ def cmd_unlearn(args) -> int:
     from raylens import toyworld as tw
     from raylens import tracking
     from raylens.config import TOY, recipe, to_flat
-    from raylens.evaluate import hf_lm, run_lm_eval
+    from raylens.evaluate import EvalError, hf_lm, run_lm_eval, scoring_device
     from raylens.model import compute_context, load_model
-    from raylens.evaluate import EvalError
     from raylens.train import (
         FolderCheckpoints, evaluate_live, fit_on_ray, save_run, train, validate,
     )
@@ -195,7 +197,7 @@ def cmd_unlearn(args) -> int:
         print(f"  {key} = {value}")
 
     def score(model, tokenizer) -> dict:
-        lm = hf_lm(model, tokenizer, config.eval.batch_size)
+        lm = hf_lm(model.to(scoring_device()), tokenizer, config.eval.batch_size)
         return run_lm_eval(lm, config.eval.tasks, toyworld=toyworld)
 
     tracker, run_id = tracking.unlearn_run(config, out) if config.tracking.enabled else (None,

@@ -140,6 +140,12 @@ def hf_lm(model, tokenizer, batch_size: int = 32):
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
+def scoring_device() -> torch.device:
+    """Where a model loaded only to be scored runs: the first GPU when this process sees one
+    (lm-eval's ``HFLM`` uses the model's device), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def evaluate_folder(folder: Path, tasks: tuple[str, ...], *, toyworld: Path | None = None,
                     batch_size: int = 32, limit: int | None = None, data_dir: str | None = None,
                     time_limit_s: float | None = None) -> dict[str, dict]:
@@ -149,7 +155,8 @@ def evaluate_folder(folder: Path, tasks: tuple[str, ...], *, toyworld: Path | No
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise ConfigError(f"model folder {str(folder)!r} has no config.json: not a saved model")
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    # in the dtype it was saved in, on the GPU when there is one
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(scoring_device())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return run_lm_eval(hf_lm(model, tokenizer, batch_size), tasks, toyworld=toyworld, limit=limit,
                        data_dir=data_dir, time_limit_s=time_limit_s)
@@ -268,8 +275,10 @@ def _encode_question(name, leaf, doc_id, instances, task, tokenizer, max_length)
         spaces = len(ctx) - len(ctx.rstrip())
         if spaces:
             ctx, cont = ctx[:-spaces], ctx[-spaces:] + cont
-        whole = tokenizer(ctx + cont, add_special_tokens=False)["input_ids"]
-        ctx_enc = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        # the tokenizer's own special tokens, as lm-eval's HFLM (add_bos_token unset) encodes:
+        # a tokenizer that prepends BOS gets it here too
+        whole = tokenizer(ctx + cont)["input_ids"]
+        ctx_enc = tokenizer(ctx)["input_ids"]
         if not ctx_enc:
             raise EvalError(f"task {leaf!r} doc {doc_id}: empty context is not supported")
         cont_enc = whole[len(ctx_enc):]

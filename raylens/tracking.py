@@ -36,8 +36,9 @@ from raylens.config import SweepConfig, TrackingConfig, UnlearnConfig, to_flat
 
 DEFAULT_URI = "sqlite:///raylens-mlflow.db"
 STEP_METRICS = ("retain_loss", "forget_loss", "retain_weight", "forget_weight", "loss", "lr",
-                "grad_norm", "tokens_per_s")
-"""Per-step records logged as ``train/<name>`` curves (the keys of ``train.train``'s records)."""
+                "adam_lr", "grad_norm", "tokens_per_s")
+"""Per-step records logged as ``train/<name>`` curves (the keys of ``train.train``'s records;
+``lr`` is Muon's in Muon runs, ``adam_lr`` the AdamW half's and only there)."""
 PACKAGES = ("raylens", "torch", "ray", "transformers", "peft", "tuned-lens", "lm-eval", "optuna",
             "mlflow")
 

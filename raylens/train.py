@@ -435,7 +435,8 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                      else grad_norm).item()
-        lr = schedulers[-1].get_last_lr()[0]
+        # the lr of the first optimizer (Muon's in Muon runs); AdamW's beside it under Muon
+        lr, adam_lr = schedulers[0].get_last_lr()[0], schedulers[-1].get_last_lr()[0]
         for opt in optimizers:
             opt.step()
         if resident is None:  # weights, gradients and optimizer state all exist now
@@ -451,6 +452,8 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
             "loss": c_r * retain_sum + c_f * forget_sum, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": (num_forget + num_retain) / (time.perf_counter() - start),
         }
+        if len(optimizers) > 1:
+            record["adam_lr"] = adam_lr
         history.append(record)
         if (step + 1) % log_every == 0 or step + 1 == total_steps:
             log(

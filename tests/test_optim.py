@@ -104,3 +104,13 @@ def test_muon_recipes_use_the_seed_optimizer():
 
     optim = recipe("sft_muon").optim
     assert optim.muon_adjust_lr == "match_rms_adamw" and optim.adam_betas == (0.9, 0.95)
+
+
+def test_muon_runs_log_muons_lr_and_adamws_beside_it(world):
+    from raylens.config import recipe
+    from raylens.train import train
+
+    config = recipe("sft_muon", {"data.num_examples": 64, "batch.epochs": 1,
+                                 "optim.warmup_ratio": 0.0})
+    record = train(config, toyworld=world.root, log=lambda *_: None).history[0]
+    assert record["lr"] == config.optim.muon_lr and record["adam_lr"] == config.optim.adam_lr

@@ -218,3 +218,30 @@ metric_list:
     tokenizer = AutoTokenizer.from_pretrained(world.model)
     with pytest.raises(EvalError, match=f"task 'toy_badgold' doc 0: {message}"):
         load_questions(("toy_badgold",), tokenizer, include=(str(tmp_path),))
+
+
+def test_scorer_encodes_like_lm_eval_for_a_tokenizer_that_prepends_bos(world):
+    """lm-eval's HFLM (``add_bos_token`` unset) keeps the tokenizer's own special tokens; a
+    tokenizer that prepends BOS (Llama, OLMo) must get it in the scorer's contexts too."""
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(world.model)
+    bos = tokenizer.eos_token
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.eos_token_id)])
+    assert tokenizer("x y")["input_ids"][0] == tokenizer.eos_token_id
+    lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(world.model), tokenizer=tokenizer)
+    questions = load_questions(("toy_wmdp",), tokenizer, toyworld=world.root)["toy_wmdp"][:20]
+    from lm_eval.tasks import get_task_dict
+
+    task = get_task_dict(["toy_wmdp"], task_manager(("toy_wmdp",), world.root))["toy_wmdp"]
+    docs = list(task.eval_docs)
+    for q in questions:
+        doc = docs[q.doc_id]
+        context = task.doc_to_text(doc)
+        for choice, cont in zip(q.choices, task.doc_to_choice(doc)):
+            ctx_enc, cont_enc = lm._encode_pair(context, " " + cont)
+            assert (tuple(ctx_enc), tuple(cont_enc)) == (q.context, choice)
+        assert q.context[0] == tokenizer.eos_token_id
