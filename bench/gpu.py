@@ -8,8 +8,9 @@ collectives N workers use), bf16 compute, sequences of 2,048 tokens:
   master weights, bf16 compute, bf16 reference).
 
 For each it prints the step's tokens/s, MFU against 989 TFLOP/s (H100/H200 dense bf16), peak GPU
-memory, the in-trial fast scorer against lm-eval on the exported model (same questions, on the
-GPU: agreement of predictions, largest log-likelihood gap, seconds each), and that the export
+memory, the fast scorer against lm-eval on the exported model (same questions, on the GPU:
+agreement of predictions, on all and on decisive questions, the largest log-likelihood gap,
+seconds each; the in-trial scores of the live model beside them), and that the export
 reloads in the source dtype. Exit status 1 if a check fails. The weights are random: the figures
 are speed, memory and agreement, not unlearning. ``--smoke`` runs the same script with tiny
 shapes on CPU (gloo), to check the script itself where no GPU is at hand.
@@ -32,6 +33,10 @@ from pathlib import Path
 import raylens  # noqa: F401  (offline Hugging Face environment first)
 
 PEAK_FLOPS = 989e12
+DECISIVE = 0.1
+"""A question is decisive when lm-eval's best choice leads the next by more than this (nats):
+on those the two scorers must agree; near-ties may flip under bf16 batch-composition noise (a
+random model has many)."""
 SHAPES = {  # GPT-NeoX 6.9B (deep-ignorance-unfiltered, Pythia-6.9B) and 2.8B (Pythia-2.8B)
     "6.9b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                  intermediate_size=16384),
@@ -108,15 +113,18 @@ def lm_eval_agreement(folder: Path, world, device: str, tasks=("toy_wmdp", "toy_
     out["lm_eval_s"] = time.perf_counter() - start
     reference = {(t, s["doc_id"]): [r[0] for r in s["filtered_resps"]]
                  for t, samples in result["samples"].items() for s in samples}
-    same = total = 0
+    same = total = decisive = decisive_same = 0
     gap = 0.0
     for task, qs in questions.items():
         want = [reference[(q.subtask, q.doc_id)] for q in qs]
-        same += sum(a == b for a, b in zip(predictions(fast[task]), predictions(want)))
-        total += len(qs)
-        gap = max(gap, max(abs(x - y) for got, exp in zip(fast[task], want)
-                           for x, y in zip(got, exp)))
-    out.update(agreement=same / total, questions=total, max_loglik_gap=gap)
+        for got, exp, a, b in zip(fast[task], want, predictions(fast[task]), predictions(want)):
+            same, total = same + (a == b), total + 1
+            top = sorted(exp, reverse=True)
+            if top[0] - top[1] > DECISIVE:  # not a near-tie that bf16 noise may flip
+                decisive, decisive_same = decisive + 1, decisive_same + (a == b)
+            gap = max(gap, max(abs(x - y) for x, y in zip(got, exp)))
+    out.update(agreement=same / total, questions=total, max_loglik_gap=gap,
+               decisive=decisive, decisive_agreement=decisive_same / max(1, decisive))
     return out
 
 
@@ -189,18 +197,19 @@ def main(argv=None) -> int:
             print(json.dumps(r, indent=1), flush=True)
             checks = {"trained": r["steps"] == 2, "in-trial eval": r["eval_error"] is None,
                       "export in bf16": r["export_dtype"] == "torch.bfloat16",
-                      "scorer agrees": r["agreement"] >= 0.99}
+                      "scorer agrees on decisive questions": r["decisive_agreement"] >= 0.99}
             for check, passed in checks.items():
                 print(f"{name} {check}: {'ok' if passed else 'FAILED'}")
                 ok &= passed
             shutil.rmtree(Path(tmp, f"model-{name}"), ignore_errors=True)  # disk: 14 GB
     ray.shutdown()
     print(f"| run | params (non-emb.) | tokens/s | MFU | peak GPU MB | fast s | lm-eval s | "
-          f"agreement |\n|---|---|---|---|---|---|---|---|")
+          f"agreement (decisive) |\n|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['run']} {r['recipe']} | {r['non_embedding_params'] / 1e9:.2f}B | "
               f"{r['tokens_per_s']:.0f} | {r['mfu']:.3f} | {r['peak_mb']:.0f} | "
-              f"{r['fast_s']:.1f} | {r['lm_eval_s']:.1f} | {r['agreement']:.3f} |")
+              f"{r['fast_s']:.1f} | {r['lm_eval_s']:.1f} | {r['agreement']:.3f} "
+              f"({r['decisive_agreement']:.3f} of {r['decisive']}) |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0 if ok else 1
