@@ -261,11 +261,12 @@ def load_sharded(config: ModelConfig, toyworld: Path | None = None, *, device):
                 value = full[name].float() if full else torch.empty(param.shape)
                 param.copy_(broadcast_from_rank0(value.contiguous()))
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    for target, dtype in ((model, torch.float32), (reference, compute)):
+    for target in (model, reference):
         shard_fsdp2(target, compute=compute)
         target.to_empty(device=device)
-        set_model_state_dict(target, {k: v.to(dtype) for k, v in full.items()},
-                             options=options)
+        # sent in the checkpoint's dtype; each rank's shard casts it on copy (fp32 master
+        # weights, the reference in model.dtype), so rank 0 makes no converted copy
+        set_model_state_dict(target, dict(full), options=options)  # it rewrites the dict
         for name, b in target.named_buffers():
             b.copy_(live_buffers[name].to(b.dtype))
     del full, buffers

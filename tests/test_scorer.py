@@ -36,11 +36,18 @@ def phrase_task(world, tmp_path_factory):
             choices = [" ".join(c[j:j + 1 + (i + j) % 3]) for j in range(4)]
             f.write(json.dumps({"question": r["question"], "choices": choices,
                                 "answer": r["answer"]}) + "\n")
-    (folder / "toy_phrases.yaml").write_text(f"""task: toy_phrases
+    _write_jsonl_task(folder, "toy_phrases", folder / "phrases.jsonl")
+    return folder
+
+
+def _write_jsonl_task(folder, name, data):
+    """A plain lm-eval answer-text YAML ``folder/<name>.yaml`` over the JSONL file ``data``
+    (question, choices, answer)."""
+    (folder / f"{name}.yaml").write_text(f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {folder / 'phrases.jsonl'}
+    test: {data}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
@@ -51,7 +58,6 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -202,19 +208,7 @@ def test_a_gold_label_that_names_no_choice_is_an_eval_error(world, tmp_path):
 
     (tmp_path / "q.jsonl").write_text(
         f'{{"question": "x", "choices": ["a", "b", "c", "d"], "answer": {gold}}}\n')
-    (tmp_path / "toy_badgold.yaml").write_text(f"""task: toy_badgold
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / 'q.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-""")
+    _write_jsonl_task(tmp_path, "toy_badgold", tmp_path / "q.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(world.model)
     with pytest.raises(EvalError, match=f"task 'toy_badgold' doc 0: {message}"):
         load_questions(("toy_badgold",), tokenizer, include=(str(tmp_path),))

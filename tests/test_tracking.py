@@ -285,7 +285,7 @@ ray.init(num_cpus=1, _metrics_export_port=port, include_dashboard=True, log_to_d
 def step():
     RayStepMetrics("probe-trial")({"step": 3, "retain_loss": 0.5, "forget_loss": 2.0,
         "retain_weight": 0.1, "forget_weight": 1.0, "loss": 2.05, "lr": 1e-3,
-        "grad_norm": 0.7, "tokens_per_s": 1234.0})
+        "adam_lr": 3e-4, "grad_norm": 0.7, "tokens_per_s": 1234.0})
     time.sleep(15)  # the process must live until the agent has exported
 
 ref = step.remote()
