@@ -203,8 +203,8 @@ def main(argv=None) -> int:
                 ok &= passed
             shutil.rmtree(Path(tmp, f"model-{name}"), ignore_errors=True)  # disk: 14 GB
     ray.shutdown()
-    print(f"| run | params (non-emb.) | tokens/s | MFU | peak GPU MB | fast s | lm-eval s | "
-          f"agreement (decisive) |\n|---|---|---|---|---|---|---|---|")
+    print("| run | params (non-emb.) | tokens/s | MFU | peak GPU MB | fast s | lm-eval s | "
+          "agreement (decisive) |\n|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['run']} {r['recipe']} | {r['non_embedding_params'] / 1e9:.2f}B | "
               f"{r['tokens_per_s']:.0f} | {r['mfu']:.3f} | {r['peak_mb']:.0f} | "

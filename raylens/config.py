@@ -230,7 +230,8 @@ class ModeConfig:
 
     _section: ClassVar[str] = "mode"
     kind: str = "lora"
-    """``lora`` (reference = adapter disabled) or ``full`` (reference = frozen bf16 copy)."""
+    """``lora`` (reference = adapter disabled) or ``full`` (reference = frozen copy in
+    ``model.dtype``; fp32 master weights)."""
     lora_rank: int = 16
     """LoRA rank r."""
     lora_alpha: float = 16.0

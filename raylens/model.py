@@ -261,12 +261,13 @@ def load_sharded(config: ModelConfig, toyworld: Path | None = None, *, device):
                 value = full[name].float() if full else torch.empty(param.shape)
                 param.copy_(broadcast_from_rank0(value.contiguous()))
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    for target in (model, reference):
+    for target, dtype in ((model, torch.float32), (reference, compute)):
         shard_fsdp2(target, compute=compute)
         target.to_empty(device=device)
-        # sent in the checkpoint's dtype; each rank's shard casts it on copy (fp32 master
-        # weights, the reference in model.dtype), so rank 0 makes no converted copy
-        set_model_state_dict(target, dict(full), options=options)  # it rewrites the dict
+        # rank 0 sends each tensor in the target's dtype (for the fp32 model a converted
+        # copy of the checkpoint: a cost on rank 0 only)
+        set_model_state_dict(target, {k: v.to(dtype) for k, v in full.items()},
+                             options=options)
         for name, b in target.named_buffers():
             b.copy_(live_buffers[name].to(b.dtype))
     del full, buffers
