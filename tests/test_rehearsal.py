@@ -14,9 +14,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCALE = ["--set", "scaling.use_gpu=false", "--set", "scaling.num_workers=2",
          "--set", "data.num_examples=32", "--set", "batch.per_device_batch=16",
-         "--set", "data.max_length=64", "--set", "sweep.retain_floor=0", "--trials", "2"]
-"""CPU scale of a real sweep: 2 CPU workers, one step, short documents, 2 trials (the stand-in
-model is random, so no trial clears the real retain floor of 0.30)."""
+         "--set", "data.max_length=64", "--set", "sweep.retain_floor=0", "--trials", "1"]
+"""CPU scale of a real sweep: 2 CPU workers, one step, short documents, one trial (the sweep's
+base point; the stand-in model is random, so no trial clears the real retain floor of 0.30).
+CI runs all four sweeps: one trial each keeps that within its time."""
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_real_sweep_file_runs_unmodified_on_the_rehearsal_cache(name, cache, tmp
     experiment = client.get_experiment_by_name(name)
     runs = client.search_runs([experiment.experiment_id])
     trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    assert len(trials) == 1 and all(r.info.status == "FINISHED" for r in trials)
     for trial in trials:
         assert trial.data.params["model.name_or_path"] == "EleutherAI/deep-ignorance-unfiltered"
         assert trial.data.params["model.dtype"] == "bfloat16"
