@@ -224,9 +224,9 @@ def load_sharded(config: ModelConfig, toyworld: Path | None = None, *, device):
 
     Every rank builds the model (fp32 master weights) and the reference (``model.dtype``) on the
     meta device and shards them; rank 0 alone reads the checkpoint, in the dtype it is stored
-    in, and ``set_model_state_dict`` broadcasts it tensor by tensor, each rank keeping its
-    shard. So a rank holds its shards plus one tensor in flight; rank 0 also holds the
-    checkpoint while it is read. ``head`` is a meta-device model whose final norm and
+    in, and ``set_model_state_dict`` broadcasts it tensor by tensor in each target's dtype, each
+    rank keeping its shard. So a rank holds its shards plus one tensor in flight; rank 0 also
+    holds the checkpoint and, while the fp32 model loads, an fp32 copy of it. ``head`` is a meta-device model whose final norm and
     unembedding hold full weights: what a tuned lens copies (``load_lens(head, ...)``)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

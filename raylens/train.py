@@ -551,16 +551,17 @@ def _ray_worker(loop_config: dict) -> None:
         if curves:
             curves(record)
 
+    device = _device(config)
     try:
         result = train(config, toyworld=toyworld, log=print if rank == 0 else (lambda *_: None),
-                       checkpoints=RayCheckpoints(), on_step=on_step, device=_device(config))
+                       checkpoints=RayCheckpoints(), on_step=on_step, device=device)
     finally:  # the curve up to a crash is kept; a restart skips the steps already logged
         if curves:
             curves.flush()
     scores, eval_error = None, None
     if loop_config.get("evaluate"):
         try:  # on the live (sharded) model: no export/reload round trip
-            with compute_context(config.model, config.mode.kind, _device(config),
+            with compute_context(config.model, config.mode.kind, device,
                                  sharded=_sharded(config)):
                 scores = evaluate_live(result.model, result.tokenizer, config.eval, toyworld)
         except EvalError as exc:  # the trained model is still exported; the reason is recorded
