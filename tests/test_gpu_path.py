@@ -6,8 +6,11 @@ CPU so each failure the GPU would hit fails here too.
   device type cpu"), so raylens's own collectives are run inside one.
 - Ranks reach an eval time limit at different moments; one rank is given a limit already passed.
 - bf16 weights: numpy has no bfloat16; small updates round away in bf16 storage.
+- Ray assigns each worker its GPU: declared GPUs (``ray.init(num_gpus=4)``) and Ray Train's own
+  device lookup stand in for a GPU node; ranks must not share dropout masks.
 """
 
+import json
 import multiprocessing as mp
 import os
 import socket
@@ -188,3 +191,82 @@ def test_small_lr_updates_survive_a_bf16_model_and_the_reference_never_changes(w
         v.numel() for v in start.values())
     print("changed in the bf16 export", moved)
     assert moved > 0.5 * shares["bfloat16"], (moved, shares)
+
+
+def test_the_training_device_is_the_gpu_ray_assigned_not_the_local_rank(tmp_path):
+    """Two Ray Train workers with one (declared) GPU each, on a node whose GPUs 0 and 1 another
+    job holds. Ray Train makes the node's assigned GPUs visible to both workers; each must train
+    on the index of its own GPU in that list, whatever LOCAL_RANK says (set here to the other
+    worker's index: reading it, each took its neighbour's GPU)."""
+    ray = pytest.importorskip("ray")
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    def loop(_):  # defined here, so Ray ships it by value
+        from raylens.train import _device
+
+        gpu = str(ray.get_gpu_ids()[0])
+        visible = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+        os.environ["LOCAL_RANK"] = str(1 - visible.index(gpu))
+        torch.cuda.is_available = lambda: True  # no CUDA here; Ray's own lookup is real
+        device = _device(recipe("sft_adamw", {"scaling.use_gpu": True}))
+        (tmp_path / f"gpu{gpu}.json").write_text(json.dumps([visible, str(device)]))
+
+    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        @ray.remote(num_gpus=2, num_cpus=0)
+        class OtherJob:
+            def gpus(self):
+                return ray.get_gpu_ids()
+
+        other = OtherJob.remote()
+        held = ray.get(other.gpus.remote())
+        TorchTrainer(loop, torch_config=TorchConfig(backend="gloo"),
+                     scaling_config=ScalingConfig(num_workers=2, use_gpu=True,
+                                                  resources_per_worker={"CPU": 0, "GPU": 1}),
+                     run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()
+    finally:
+        ray.shutdown()
+    seen = {int(f.stem[3:]): json.loads(f.read_text()) for f in tmp_path.glob("gpu*.json")}
+    assert sorted(seen) == sorted({0, 1, 2, 3} - {int(g) for g in held}), (held, seen)
+    for gpu, (visible, device) in seen.items():
+        assert device == f"cuda:{visible.index(str(gpu))}", seen
+    assert len({device for _, device in seen.values()}) == 2
+
+
+def _dropout_masks(rank, world, root, steps):
+    """Train LoRA as one of ``world`` gloo ranks, or in one process when ``world`` is 1; after
+    each step, the next dropout mask (p=0.5) this rank would draw from torch's global stream,
+    which dropout layers use. The run itself draws nothing (no dropout in the toy model or the
+    adapters), so the masks show how each rank's stream was seeded, not how many draws its
+    batch shapes took."""
+    import torch.distributed as dist
+
+    from raylens.train import train
+
+    overrides = {"data.num_examples": 8 * steps, "batch.global_batch": 8,
+                 "batch.per_device_batch": 8 // world, "batch.epochs": 1,
+                 "mode.lora_dropout": 0.0, "scaling.num_workers": world}
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    masks = []
+
+    def on_step(record):
+        masks.append(torch.nn.functional.dropout(torch.ones(256), 0.5).ne(0).tolist())
+
+    train(recipe("lora_adamw", overrides), toyworld=root, log=lambda *_: None, on_step=on_step)
+    return masks
+
+
+def test_dropout_masks_differ_per_rank_and_rank_0_keeps_the_one_process_stream(world):
+    """Two ranks draw different dropout masks at every step (with one seed on every rank they
+    drew the same ones, so a run's result depended on its worker count); rank 0's stream is the
+    one a single process draws, so a 1-worker run and rank 0 agree."""
+    steps = 2
+    two = _run_ranks(_dropout_masks, 2, str(world.root), steps)
+    assert not any(isinstance(r, tuple) for r in two), two
+    (one,) = _run_ranks(_dropout_masks, 1, str(world.root), steps)
+    assert len(two[0]) == len(two[1]) == len(one) == steps
+    for step in range(steps):
+        assert two[0][step] != two[1][step], f"step {step}: both ranks drew the same mask"
+    assert two[0] == one
