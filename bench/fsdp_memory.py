@@ -10,6 +10,12 @@ peak resident set size (CPU; it includes the Python/torch/Ray runtime, several h
 on rank 0 the checkpoint while it is read). At ~160M parameters the model is about 2.6 GiB of
 the resident figure, so the runtime no longer hides it. Pass ``--gpu`` on a GPU machine (peak
 is then allocated CUDA memory).
+
+The step is one batch of 4 sequences of 16 tokens. On a CPU without bf16 matrix instructions
+(AVX2 only, like the dev machine) torch runs bf16 matmuls in its reference loop, tens of times
+slower than fp32 (the script prints the ratio it measures): at the first version's 16 x 64
+tokens the 1-worker step took over 20 minutes, which read as a stall. Neither memory figure
+depends on the token count beyond the activations of those few tokens.
 """
 
 import argparse
@@ -52,12 +58,30 @@ def measure(workers: int, use_gpu: bool, world, folder: Path, tmp: Path) -> list
     config = recipe("sft_adamw", {
         "model.name_or_path": str(folder), "model.dtype": "bfloat16",
         "lens.name_or_path": str(folder / "lens"), "loss.target_layers": (2, 4, 6, 8, 10),
-        "data.num_examples": 16, "data.max_length": 64, "batch.epochs": 1,
-        "batch.global_batch": 16, "batch.per_device_batch": 8, "scaling.num_workers": workers,
+        "data.num_examples": 4, "data.max_length": 16, "batch.epochs": 1,
+        "batch.global_batch": 4, "batch.per_device_batch": 2, "scaling.num_workers": workers,
         "scaling.use_gpu": use_gpu, "scaling.checkpoint_every": 0})
     report = fit_on_ray(config, out=tmp / f"w{workers}", storage_path=tmp / "ray",
                         toyworld=world.root, name=f"w{workers}", evaluate=False)
     return report["memory_per_rank"]
+
+
+def bf16_matmul_slowdown(n: int = 256) -> float:
+    """How many times slower a bf16 matmul runs than an fp32 one on this CPU (best of 3 each)."""
+    import time
+
+    import torch
+
+    def best(dtype) -> float:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.bfloat16) / best(torch.float32)
 
 
 def main() -> None:
@@ -75,6 +99,8 @@ def main() -> None:
         one = measure(1, args.gpu, world, folder, Path(tmp))
         two = measure(2, args.gpu, world, folder, Path(tmp))
     ray.shutdown()
+    if not args.gpu:
+        print(f"bf16 matmul on this CPU: {bf16_matmul_slowdown():.0f}x slower than fp32")
     print(f"random GPT-NeoX, {params / 1e6:.1f}M parameters, stored in bf16, trained as fp32 "
           "master weights with a bf16 reference")
     print("workers rank resident_MiB peak_MiB")
