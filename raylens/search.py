@@ -395,17 +395,21 @@ def sweep_main(real: SweepConfig, toy: SweepConfig, argv: list[str] | None = Non
 
 
 def connect_or_start(sweep: SweepConfig) -> None:
-    """Join the cluster named by ``RAY_ADDRESS`` (or a running local head); otherwise start a local
-    Ray instance offering as many trial-driver slots as its CPUs (or GPUs) fit trials."""
+    """Join the running cluster (``RAY_ADDRESS``, or the head this node belongs to, as ``ray
+    submit`` and ``ray job submit`` leave it); start a local Ray instance, offering as many
+    trial-driver slots as its CPUs (or GPUs) fit trials, only when there is none."""
     import os
 
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+    try:  # a cluster's own resources are its nodes' business: never pass any when joining
+        ray.init(address="auto")
         return
+    except ConnectionError:
+        if os.environ.get("RAY_ADDRESS"):
+            raise  # the cluster named is not there: starting a local one would hide that
     import torch
 
     scaling = sweep.base.scaling

@@ -4,9 +4,11 @@ driver is killed and resumed."""
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -231,3 +233,44 @@ def test_toy_sweep_runs_through_ray_job_submit_on_a_local_head(world):
                          env={**os.environ, "VENV": str(Path(sys.executable).parents[1])})
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "toy sweep SUCCEEDED" in out.stdout
+
+
+_JOIN = """
+import importlib.util, json, sys
+import ray
+from raylens.search import connect_or_start
+spec = importlib.util.spec_from_file_location("sweep", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+connect_or_start(module.REAL)
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address,
+                  "slots": ray.cluster_resources().get("TRAIN_DRIVER")}))
+"""
+
+
+def test_a_sweep_on_a_running_head_without_ray_address_joins_it(tmp_path):
+    """As ``ray submit`` runs a sweep file on the head: a head started by ``ray start --head``,
+    no RAY_ADDRESS in the environment. The sweep joins that head (it used to pass its own
+    resources to ``ray.init`` and die: "When connecting to an existing cluster, resources must
+    not be provided")."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    tmp = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))  # short: Ray's unix sockets live here
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(RAY_TMPDIR=str(tmp), HOME=str(tmp_path))
+    started = subprocess.run(
+        [str(ray_bin), "start", "--head", "--port=0", "--num-cpus=1", "--include-dashboard=false",
+         "--resources", '{"TRAIN_DRIVER": 3}', "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        head = (tmp / "ray" / "ray_current_cluster").read_text().strip()
+        joined = subprocess.run([sys.executable, "-c", _JOIN, str(REPO / "sweeps" / "sft_muon.py")],
+                                env=env, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=120)
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        seen = json.loads(joined.stdout.strip().splitlines()[-1])
+        assert seen == {"gcs": head, "slots": 3.0}  # the head's slots, not a new instance's
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True,
+                       timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
