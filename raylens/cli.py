@@ -307,6 +307,46 @@ def cmd_rehearsal_build(args) -> int:
     return 0
 
 
+def cmd_preflight(args) -> int:
+    """Check (or, for prefetch, first download) every asset a sweep file's base config names."""
+    from raylens import preflight
+    from raylens.search import load_sweep_file, sweep_from_options
+
+    online = args.command == "prefetch"
+    if online and os.environ.get("RAYLENS_ONLINE") != "1":
+        # raylens made the Hugging Face stack offline at import: start again online
+        env = {k: v for k, v in os.environ.items() if k not in raylens.OFFLINE_ENV}
+        os.execve(sys.executable, [sys.executable, "-m", "raylens.cli", *sys.argv[1:]],
+                  {**env, "RAYLENS_ONLINE": "1"})
+    sweep, toyworld = sweep_from_options(*load_sweep_file(args.sweep_file), args)
+    check = preflight.prefetch if online else preflight.preflight
+    for line in check(sweep.base, toyworld):
+        print(f"{args.command}: {line}")
+    print(f"{args.command}: sweep {sweep.name} can run offline here")
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from raylens import cluster
+
+    if args.cluster_command == "secrets":
+        path = cluster.make_secrets(Path(args.path).expanduser())
+        print(f"wrote {path} (owner-only): cluster.yaml ships it to every node")
+        return 0
+    node = cluster.Node.here()
+    if args.cluster_command == "setup-node":
+        path = cluster.setup_node(node)
+        print(f"node {node.node_ip} (head {node.head_ip}) ready; environment in {path}")
+    elif args.cluster_command == "start-services":
+        pids = cluster.start_services(node)
+        print(f"MLflow at http://{node.node_ip}:{cluster.MLFLOW_PORT} (pid {pids['mlflow']}), "
+              f"Optuna dashboard at http://127.0.0.1:{cluster.DASHBOARD_PORT} "
+              f"(pid {pids['optuna-dashboard']}), PostgreSQL on 127.0.0.1:{node.db_port}")
+    else:
+        print("stopped: " + (", ".join(cluster.stop_services(node)) or "nothing was running"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylens", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -382,6 +422,27 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--output", default=None, help="write to this file instead of printing")
     rep.set_defaults(func=cmd_report)
 
+    from raylens.search import add_sweep_options
+
+    for name, text in (("preflight", "check that everything a sweep file names is in the "
+                        "local cache (every sweep runs this before its first trial)"),
+                       ("prefetch", "download everything a sweep file names into the cache "
+                        "(needs internet access)")):
+        pre = sub.add_parser(name, help=text)
+        pre.add_argument("sweep_file", help="a sweeps/*.py file")
+        add_sweep_options(pre)
+        pre.set_defaults(func=cmd_preflight)
+
+    cl = sub.add_parser("cluster", help="what cluster.yaml runs on the nodes (see README)")
+    cl_sub = cl.add_subparsers(dest="cluster_command", required=True)
+    secrets = cl_sub.add_parser("secrets", help="make the cluster's MLflow and database "
+                                "secrets (once, where you run `ray up`)")
+    secrets.add_argument("--path", default="~/.raylens/cluster.env")
+    cl_sub.add_parser("setup-node", help="check this node and write its environment")
+    cl_sub.add_parser("start-services", help="on the head: PostgreSQL, MLflow, Optuna dashboard")
+    cl_sub.add_parser("stop-services", help="on the head: stop them")
+    cl.set_defaults(func=cmd_cluster)
+
     ui = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1")
     ui.add_argument("--uri", default=None, help="tracking URI (default as for report)")
     ui.add_argument("--port", type=int, default=5000)
@@ -404,10 +465,14 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
+    from raylens.cluster import ClusterError
     from raylens.evaluate import EvalError
 
     try:
         return args.func(args)
+    except ClusterError as exc:
+        print(f"raylens cluster: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"raylens: error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -53,6 +54,31 @@ def _check_choice(section: str, name: str, value: Any, choices: tuple[str, ...])
 def _check_text(section: str, name: str, value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         _fail(section, name, value, "a non-empty string")
+
+
+SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""Sweep names: they become folder names, an MLflow experiment and an Optuna study."""
+
+
+def url_password(url: str) -> str | None:
+    """The password a URL carries in its ``user:password@`` part, if any."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(str(url)).password
+    except ValueError:
+        return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to print and log)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(str(url))
+    if parts.password is None:
+        return str(url)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 @dataclass(frozen=True)
@@ -406,6 +432,11 @@ class TrackingConfig:
             _fail(s, "enabled", self.enabled, "true or false")
         if self.tracking_uri is not None:
             _check_text(s, "tracking_uri", self.tracking_uri)
+            if url_password(self.tracking_uri):
+                raise ConfigError(
+                    f"tracking.tracking_uri carries a password, which would be logged with "
+                    f"every run: use {redact_url(self.tracking_uri)} with "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment")
         for name in ("artifact_location", "experiment"):
             _check_text(s, name, getattr(self, name))
         _check_nonneg(s, "max_model_mb", self.max_model_mb)
@@ -713,7 +744,12 @@ class SweepConfig:
     """Score the unmodified model once (kept in the sweep folder): the baseline row of reports
     and the star on the Pareto plot."""
     max_concurrent: int | None = None
-    """Trials at once; None: as many as the cluster's CPUs (or GPUs) fit."""
+    """Trials at once; None: as many as the cluster's ``TRAIN_DRIVER`` slots, counted while
+    the sweep runs (nodes that join later add theirs)."""
+    keep_exports: str = "all"
+    """Which trials keep their exported model once the sweep ends: ``all``, or ``front`` (the
+    Pareto front's; a dominated trial's export is deleted, its record and metrics stay).
+    Checkpoints of a finished trial are always deleted."""
     storage: str = "raylens-runs"
     """Root folder (shared storage on a cluster): ``<storage>/<name>/`` holds Tune's experiment,
     Ray Train checkpoints, trial outputs and (by default) the Optuna study."""
@@ -723,8 +759,9 @@ class SweepConfig:
     def __post_init__(self) -> None:
         s = self._section
         _check_text(s, "name", self.name)
-        if any(c in self.name for c in "/\\ "):
-            _fail(s, "name", self.name, "a name without slashes or spaces")
+        if not SWEEP_NAME.fullmatch(self.name):  # it names folders: no "..", no separators
+            _fail(s, "name", self.name, "letters, digits, '.', '_' or '-', starting with a "
+                  "letter or digit (at most 100 characters)")
         if not isinstance(self.base, UnlearnConfig):
             _fail(s, "base", type(self.base).__name__, "an UnlearnConfig")
         keys = set(to_flat(self.base))
@@ -763,5 +800,12 @@ class SweepConfig:
         if self.max_concurrent is not None:
             _check_positive(s, "max_concurrent", self.max_concurrent, integer=True)
         _check_text(s, "storage", self.storage)
-        if self.study_url is not None and "://" not in str(self.study_url):
-            _fail(s, "study_url", self.study_url, "an SQLAlchemy URL such as sqlite:///f.db")
+        if self.study_url is not None:
+            if "://" not in str(self.study_url):
+                _fail(s, "study_url", self.study_url, "an SQLAlchemy URL such as sqlite:///f.db")
+            if url_password(self.study_url):
+                raise ConfigError(
+                    f"sweep.study_url carries a password, which would be printed and pickled "
+                    f"with the sweep's state: {redact_url(self.study_url)} is allowed, with the "
+                    "password in ~/.pgpass (PostgreSQL) or the database's own client config")
+        _check_choice(s, "keep_exports", self.keep_exports, ("all", "front"))

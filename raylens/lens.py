@@ -23,7 +23,7 @@ CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.pt"
 
 
-def _resolve(name_or_path: str, revision: str | None) -> tuple[Path, Path]:
+def lens_files(name_or_path: str, revision: str | None) -> tuple[Path, Path]:
     """Local paths of the lens files: a folder as is, otherwise downloaded from the hub."""
     folder = Path(name_or_path)
     if folder.is_dir():
@@ -55,7 +55,7 @@ def load_lens(model, name_or_path: str, revision: str | None = None) -> TunedLen
     Parameters are read with ``torch.load(weights_only=True)`` (no arbitrary unpickling) and
     checked against the model: layer count, hidden size and translator shapes must match.
     """
-    config_path, params_path = _resolve(name_or_path, revision)
+    config_path, params_path = lens_files(name_or_path, revision)
     config = TunedLensConfig.from_dict(json.loads(Path(config_path).read_text()))
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
     if config.num_hidden_layers != n_layers or config.d_model != d_model:

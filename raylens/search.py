@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,14 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from raylens.config import (
-    ConfigError, SweepConfig, parse_overrides, replace, replace_sweep, to_flat,
+    ConfigError, SweepConfig, parse_overrides, redact_url, replace, replace_sweep, to_flat,
 )
 from raylens.tracking import (
     Tracker, fail_open_trial, finish_sweep, pareto_front, record_failure, record_trial,
     start_sweep, trial_run, update_front,
 )
-from raylens.train import evaluate_base, fit_on_ray, validate
+from raylens.preflight import preflight
+from raylens.train import evaluate_base, fit_on_ray
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
 """Custom resource a trial's driver holds (one per trial): clusters declare how many trials run
@@ -132,6 +134,7 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
             record_failure(tracker, run_id, exc)
         raise
     (out / "result.json").write_text(json.dumps(result, indent=1))
+    _drop_checkpoints(where, trial_id)  # recorded: it will never resume
     ray.tune.report(result)
 
 
@@ -238,29 +241,60 @@ def fail_orphaned_trials(study_url: str, study_name: str) -> int:
     return len(orphans)
 
 
-def _concurrency(sweep: SweepConfig) -> int:
-    import ray
-
-    if sweep.max_concurrent:
-        return sweep.max_concurrent
-    resources = ray.cluster_resources()
-    scaling = sweep.base.scaling
-    have = resources.get("GPU", 0) if scaling.use_gpu else resources.get("CPU", 1)
-    return max(1, int(have // scaling.num_workers))
+def _concurrency(sweep: SweepConfig) -> int | None:
+    """Tune's cap on trials at once: the sweep's ``max_concurrent``, else none. Every trial
+    holds one ``TRAIN_DRIVER`` slot, so the slots bound it, counted as Tune schedules: a node
+    that joins after the sweep started adds its slots (with a searcher, Tune keeps one trial
+    pending at a time, so no trial is sampled before a slot can take it)."""
+    return sweep.max_concurrent
 
 
-def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print) -> list[dict]:
+def _drop_checkpoints(where: SweepPaths, trial_id: str) -> int:
+    """Delete a finished trial's Ray Train checkpoints (its export, history and report stay):
+    on the real model each is tens of GB. Returns how many were deleted."""
+    run = where.train / trial_id
+    dropped = 0
+    for folder in sorted(run.glob("checkpoint_*")) if run.is_dir() else []:
+        shutil.rmtree(folder, ignore_errors=True)
+        dropped += 1
+    return dropped
+
+
+def _drop_dominated_exports(rows: list[dict], where: SweepPaths) -> list[str]:
+    """``keep_exports="front"``: delete the exported model of every finished trial off the
+    front; returns their trial ids."""
+    dropped = []
+    for row in rows:
+        if row["pareto"] or not row.get("trial_dir"):
+            continue
+        folder = Path(row["trial_dir"])
+        if folder.resolve().parent != where.trials.resolve():
+            continue  # only what this sweep wrote
+        for export in ("model", "adapter"):
+            if (folder / export).is_dir():
+                shutil.rmtree(folder / export)
+                dropped.append(row["trial_id"])
+    return sorted(set(dropped))
+
+
+def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print,
+              checked: bool = False) -> list[dict]:
     """Run (or resume) ``sweep`` on the connected Ray cluster; returns one row per trial (its
-    objectives, feasibility, sampled settings, Tune status and error) with ``pareto`` marked."""
+    objectives, feasibility, sampled settings, Tune status and error) with ``pareto`` marked.
+    The base config passes ``preflight`` first (``checked``: the caller has just run it)."""
     import ray
     from ray import tune
+
+    if not checked:
+        preflight(sweep.base, toyworld)
 
     sweep = dataclasses.replace(sweep, storage=str(Path(sweep.storage).resolve()))
     where = paths(sweep)
     where.root.mkdir(parents=True, exist_ok=True)
     study_url = sweep.study_url or where.study_url
     concurrency = _concurrency(sweep)
-    if not ray.cluster_resources().get(DRIVER_RESOURCE):
+    slots = ray.cluster_resources().get(DRIVER_RESOURCE, 0)
+    if not slots:
         raise RuntimeError(f"the Ray cluster offers no {DRIVER_RESOURCE} resource: start it with "
                            f"--resources='{{\"{DRIVER_RESOURCE}\": N}}' (N trials at once)")
     tracker = None
@@ -272,7 +306,7 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print) ->
             except Exception as exc:  # the sweep still runs; reports show no baseline row values
                 log(f"baseline evaluation failed, continuing without it: {exc}")
         tracker = start_sweep(sweep, scores)
-        log(f"MLflow: experiment {sweep.name} at {tracker.uri} (sweep run "
+        log(f"MLflow: experiment {sweep.name} at {redact_url(tracker.uri)} (sweep run "
             f"{tracker.parent_run_id})")
     trainable = tune.with_resources(
         tune.with_parameters(_trial, sweep=sweep, toyworld=str(toyworld) if toyworld else None,
@@ -287,8 +321,10 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print) ->
         # the callbacks come back with the experiment (the same parent run, reopened above)
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     else:
-        log(f"sweep {sweep.name}: {sweep.num_trials} trials, up to {concurrency} at once, "
-            f"study {study_url}")
+        at_once = (f"up to {concurrency}" if concurrency else
+                   f"as many as the {DRIVER_RESOURCE} slots ({slots:g} now)")
+        log(f"sweep {sweep.name}: {sweep.num_trials} trials, {at_once} at once, "
+            f"study {redact_url(study_url)}")
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=_searcher(sweep, study_url),
@@ -322,6 +358,9 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print) ->
     front = {id(r) for r in pareto_front([r for r in rows if r["wmdp"] is not None])}
     for row in rows:
         row["pareto"] = id(row) in front
+    if sweep.keep_exports == "front":
+        dropped = _drop_dominated_exports(rows, where)
+        log(f"keep_exports=front: deleted the exports of {len(dropped)} dominated trials")
     return rows
 
 
@@ -351,43 +390,77 @@ def front_table(rows: list[dict], sweep: SweepConfig) -> str:
     return "\n".join(lines)
 
 
+def add_sweep_options(parser) -> None:
+    """The options of a sweep file (and of ``raylens preflight``/``prefetch``)."""
+    import os
+
+    parser.add_argument("--toy", action="store_true", help="the toy-world version, on this machine")
+    parser.add_argument("--trials", type=int, default=None, help="override the trial budget")
+    parser.add_argument("--storage", default=os.environ.get("RAYLENS_STORAGE"),
+                        help="storage root (default $RAYLENS_STORAGE, else the sweep's own)")
+    parser.add_argument("--study-url", default=os.environ.get("RAYLENS_STUDY_URL"),
+                        help="Optuna storage (default $RAYLENS_STUDY_URL, else sqlite in the "
+                             "sweep folder); no password in it: PostgreSQL reads ~/.pgpass")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a base setting (flat key, e.g. data.num_examples=64) "
+                             "or a sweep setting (sweep.retain_floor=0.2); repeatable")
+
+
+def sweep_from_options(real: SweepConfig, toy: SweepConfig, args) -> tuple[SweepConfig,
+                                                                          Path | None]:
+    """The sweep the options select (``--toy``) with their overrides, and its toy world folder
+    (None for the real sweep). ``ConfigError`` naming the field on bad input."""
+    sweep = toy if args.toy else real
+    overrides = parse_overrides(args.set)
+    own = {k[len("sweep."):]: v for k, v in overrides.items() if k.startswith("sweep.")}
+    base = {k: v for k, v in overrides.items() if not k.startswith("sweep.")}
+    changes = {k: v for k, v in (("num_trials", args.trials), ("storage", args.storage),
+                                 ("study_url", args.study_url)) if v is not None}
+    sweep = replace_sweep(sweep, {**own, **changes}, base)
+    toyworld = None
+    if args.toy:
+        from raylens import toyworld as tw
+
+        toyworld = tw.load_or_build().root
+    return sweep, toyworld
+
+
+def load_sweep_file(path: str | Path) -> tuple[SweepConfig, SweepConfig]:
+    """``REAL`` and ``TOY`` of a ``sweeps/*.py`` file (importing it runs no sweep)."""
+    import importlib.util
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"raylens_sweep_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real, toy = getattr(module, "REAL", None), getattr(module, "TOY", None)
+    if not (isinstance(real, SweepConfig) and isinstance(toy, SweepConfig)):
+        raise ConfigError(f"sweep file {str(path)!r} defines no REAL and TOY SweepConfig")
+    return real, toy
+
+
 def sweep_main(real: SweepConfig, toy: SweepConfig, argv: list[str] | None = None) -> int:
     """Entry point of a ``sweeps/*.py`` file: the real sweep on the cluster this runs on
     (``ray submit cluster.yaml sweeps/x.py`` or ``ray job submit``), or its toy-world version with
     ``--toy``. Prints the trial table with the Pareto front marked."""
     import argparse
-    import os
 
     import ray
 
     parser = argparse.ArgumentParser(description=f"sweep {real.name}")
-    parser.add_argument("--toy", action="store_true", help="the toy-world version, on this machine")
-    parser.add_argument("--trials", type=int, default=None, help="override the trial budget")
-    parser.add_argument("--storage", default=os.environ.get("RAYLENS_STORAGE"),
-                        help="storage root (default $RAYLENS_STORAGE, else the sweep's own)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a base setting (flat key, e.g. data.num_examples=64) "
-                             "or a sweep setting (sweep.retain_floor=0.2); repeatable")
+    add_sweep_options(parser)
     args = parser.parse_args(argv)
     try:  # bad input is one line naming the field, before any compute (as the CLI does)
-        sweep = toy if args.toy else real
-        overrides = parse_overrides(args.set)
-        own = {k[len("sweep."):]: v for k, v in overrides.items() if k.startswith("sweep.")}
-        base = {k: v for k, v in overrides.items() if not k.startswith("sweep.")}
-        changes = {k: v for k, v in (("num_trials", args.trials), ("storage", args.storage))
-                   if v is not None}
-        sweep = replace_sweep(sweep, {**own, **changes}, base)
-        toyworld = None
-        if args.toy:
-            from raylens import toyworld as tw
-
-            toyworld = tw.load_or_build().root
-        validate(sweep.base, toyworld)
+        sweep, toyworld = sweep_from_options(real, toy, args)
+        for line in preflight(sweep.base, toyworld):
+            print(f"preflight: {line}")
     except ConfigError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     connect_or_start(sweep)
-    rows = run_sweep(sweep, toyworld=toyworld)
+    rows = run_sweep(sweep, toyworld=toyworld, checked=True)
     print(front_table(rows, sweep))
     print(compare_to_base(rows, sweep))
     ray.shutdown()

@@ -317,6 +317,8 @@ def record_trial(tracker: Tracker, run_id: str, *, report: dict, result: dict, o
     status = result["infeasible"] or "ok"
     tags = {"status": status, "feasible": str(result["feasible"]).lower(),
             "infeasible": result["infeasible"], "model_path": str(out)}
+    if report.get("node_per_rank"):  # the nodes' addresses, rank order
+        tags["nodes"] = ",".join(report["node_per_rank"])
     client.log_batch(run_id, metrics=metrics,
                      tags=[RunTag(k, v) for k, v in tags.items()])
     for task, scores in (report.get("eval") or {}).items():

@@ -56,7 +56,8 @@ class TrainResult:
     """The frozen reference the retain loss compared against."""
 
 
-def _lens_source(config: UnlearnConfig, toyworld: Path | None) -> str:
+def lens_source(config: UnlearnConfig, toyworld: Path | None) -> str:
+    """The lens's folder or hub id (``toy``: the toy world's lens folder)."""
     if config.lens.name_or_path == TOY:
         return str(Path(toyworld) / "lens")
     return config.lens.name_or_path
@@ -133,7 +134,7 @@ def prepare(config: UnlearnConfig, toyworld: Path | None = None, *, sharded: boo
         frozen, head = None, model
     layers = resolve_target_layers(config.loss.target_layers, model.config.num_hidden_layers)
     # the lens copies the final norm and unembedding now, before any weight changes
-    lens = load_lens(head, _lens_source(config, toyworld), config.lens.revision).float()
+    lens = load_lens(head, lens_source(config, toyworld), config.lens.revision).float()
     if config.mode.kind == "lora":
         model = apply_lora(model, config.mode, layers,
                            gradient_checkpointing=config.model.gradient_checkpointing)
@@ -568,6 +569,9 @@ def _ray_worker(loop_config: dict) -> None:
             eval_error = str(exc)
     memory = all_gather({"resident_mb": result.resident_bytes / 2**20,
                          "peak_mb": _peak_memory_mb(config.scaling.use_gpu)})
+    import ray.util
+
+    nodes = all_gather(ray.util.get_node_ip_address())  # where each rank ran
     if _sharded(config):
         # FSDP2: each rank holds a shard; gather the full weights into a plain model on rank 0
         state = gather_full_state_dict(result.model)
@@ -584,6 +588,7 @@ def _ray_worker(loop_config: dict) -> None:
             raise RuntimeError(f"ranks diverged after training: parameter digests {digests}")
     report = {**result.history[-1], "num_steps": len(result.history), "rank_digests": digests,
               "resumed_from": result.resumed_from, "memory_per_rank": memory,
+              "node_per_rank": nodes,
               "eval": scores, "eval_error": eval_error}
     if rank == 0:
         out = Path(loop_config["out"])
