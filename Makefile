@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # in an empty cache with another thread count (see README, "Figures and machines").
 FRESH_WORLD ?= {"build_threads": 1}
 
-.PHONY: install demo test test-fresh-world test-rehearsal test-slow test-gpu bench
+.PHONY: install demo test test-fresh-world test-rehearsal test-cluster test-slow test-gpu bench
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,15 @@ test-fresh-world: install
 # The four real sweep files, unmodified, on an offline cache of stand-ins for their hub ids.
 test-rehearsal: install
 	$(VENV)/bin/python -m pytest -q -m rehearsal tests/test_rehearsal.py
+
+# As root: a head and two worker nodes in network namespaces on this machine, each with its own
+# sshd; ray up, ray submit, a detached ray job submit and ray down of cluster.yaml (see
+# tests/cluster/rehearse.py). Installs Debian's openssh-server, rsync and postgresql if missing.
+test-cluster: install
+	command -v sshd rsync > /dev/null && ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      openssh-server rsync postgresql > /dev/null; }
+	$(PY) tests/cluster/rehearse.py
 
 # On a GPU machine: the real shapes (6.9B LoRA, 2.8B FSDP2) for one step each, see bench/gpu.py.
 test-gpu: install

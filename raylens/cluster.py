@@ -338,6 +338,9 @@ def start_services(node: Node, *, timeout: float = 180.0) -> dict[str, int]:
          "--artifacts-destination", str(artifacts)],
         log, node.dir / "mlflow.pid", mlflow_env)}
     _wait_http(f"http://{node.node_ip}:{MLFLOW_PORT}/health", timeout, "MLflow", log)
+    import optuna
+
+    optuna.storages.RDBStorage(node.db_url("optuna"))  # the schema: the dashboard expects it
     dash_log = node.dir / "optuna-dashboard.log"
     pids["optuna-dashboard"] = _start_detached(
         [sys.executable, "-c", _RUN_ENTRY_POINT, "optuna-dashboard", node.db_url("optuna"), "--host", "127.0.0.1",

@@ -125,3 +125,36 @@ def test_real_sweep_file_runs_unmodified_on_the_rehearsal_cache(name, cache, tmp
         assert trial.data.params["model.name_or_path"] == "EleutherAI/deep-ignorance-unfiltered"
         assert trial.data.params["model.dtype"] == "bfloat16"
         assert "wmdp_bio_robust" in " ".join(trial.data.metrics)
+
+
+def _preflight(hf_home, cwd, *extra):
+    return subprocess.run([sys.executable, "-m", "raylens.cli", "preflight",
+                           str(REPO / "sweeps" / "sft_muon.py"), *extra],
+                          capture_output=True, text=True, env=_env(hf_home), cwd=cwd)
+
+
+def test_preflight_finds_every_asset_and_names_the_first_one_missing(cache, tmp_path):
+    """``raylens preflight`` (every sweep runs it first) on the full cache, then on copies
+    missing the model's weights or the lens's parameters: each missing piece is one error line
+    naming its field, exit 2, before Ray or any trial starts."""
+    import shutil
+
+    ok = _preflight(cache, tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "preflight: sweep sft_muon can run offline here" in ok.stdout
+    assert "weights in" in ok.stdout and "lens EleutherAI/deep-ignorance-unfiltered-lens" in \
+        ok.stdout
+    for removed, field in (("models--EleutherAI--deep-ignorance-unfiltered", "model.name_or_path"),
+                           ("models--EleutherAI--deep-ignorance-unfiltered-lens",
+                            "lens.name_or_path")):
+        broken = tmp_path / removed / "hf"
+        shutil.copytree(cache, broken, symlinks=True)
+        snapshot = next((broken / "hub" / removed / "snapshots").iterdir())
+        target = "model.safetensors" if field == "model.name_or_path" else "params.pt"
+        (snapshot / target).unlink()
+        run = _preflight(broken, tmp_path)
+        assert run.returncode == 2, (run.stdout + run.stderr)[-2000:]
+        line = run.stderr.strip().splitlines()[-1]  # (datasets logs its cache hits above it)
+        assert line.startswith("raylens: error: " + field), line
+        assert "Traceback" not in run.stderr
+        assert not (tmp_path / "raylens-mlflow.db").exists()
