@@ -255,8 +255,9 @@ def _drop_checkpoints(where: SweepPaths, trial_id: str) -> int:
     run = where.train / trial_id
     dropped = 0
     for folder in sorted(run.glob("checkpoint_*")) if run.is_dir() else []:
-        shutil.rmtree(folder, ignore_errors=True)
-        dropped += 1
+        if folder.is_dir():  # not Ray's checkpoint_manager_snapshot.json: the record of them
+            shutil.rmtree(folder, ignore_errors=True)
+            dropped += 1
     return dropped
 
 

@@ -296,3 +296,32 @@ def test_a_sweep_on_a_running_head_without_ray_address_joins_it(tmp_path):
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True,
                        timeout=120)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_finished_trials_drop_checkpoints_and_front_retention_drops_dominated_exports(tmp_path):
+    from raylens.search import SweepPaths, _drop_checkpoints, _drop_dominated_exports
+
+    where = SweepPaths(tmp_path / "sweep")
+    run = where.train / "t1"
+    for name in ("checkpoint_2026-01-01_00-00-00.0", "checkpoint_2026-01-01_00-00-01.0"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.safetensors").write_bytes(b"x")
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert _drop_checkpoints(where, "t1") == 2
+    assert [p.name for p in run.iterdir()] == ["checkpoint_manager_snapshot.json"]
+    assert _drop_checkpoints(where, "never-ran") == 0
+
+    rows = []
+    for trial, pareto in (("front", True), ("dominated", False), ("failed", False)):
+        folder = where.trials / trial
+        (folder / "model").mkdir(parents=True)
+        (folder / "history.jsonl").write_text("{}\n")
+        rows.append({"trial_id": trial, "pareto": pareto,
+                     "trial_dir": str(folder) if trial != "failed" else None})
+    outside = tmp_path / "elsewhere" / "model"  # a row pointing outside the sweep is left alone
+    outside.mkdir(parents=True)
+    rows.append({"trial_id": "outside", "pareto": False, "trial_dir": str(outside.parent)})
+    assert _drop_dominated_exports(rows, where) == ["dominated"]
+    assert (where.trials / "front" / "model").is_dir() and outside.is_dir()
+    assert not (where.trials / "dominated" / "model").exists()
+    assert (where.trials / "dominated" / "history.jsonl").exists()  # the record stays

@@ -39,6 +39,8 @@ import time
 from base64 import b64encode
 from pathlib import Path
 
+from raylens.cluster import read_env_file
+
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "rlc"
 USER = "rlcluster"
@@ -394,7 +396,7 @@ class Rehearsal:
     def check_doors(self, cluster: Path, figures: dict) -> None:
         """MLflow needs credentials; the Ray and Optuna dashboards answer through SSH only."""
         head = NODES["head"]
-        creds = _env_file(self.node_dir("laptop") / ".raylens" / "cluster.env")
+        creds = read_env_file(self.node_dir("laptop") / ".raylens" / "cluster.env")
         user_pw = (creds["MLFLOW_TRACKING_USERNAME"], creds["MLFLOW_TRACKING_PASSWORD"])
         url = f"http://{head}:5000/api/2.0/mlflow/experiments/search?max_results=5"
         doors = {"mlflow_without_credentials": self.laptop_http(url),
@@ -536,17 +538,6 @@ class Rehearsal:
                 pass
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _env_file(path: Path) -> dict[str, str]:
-    import shlex
-
-    values = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            values[key] = shlex.split(value)[0] if value else ""
-    return values
 
 
 def _quote(arg: str) -> str:
