@@ -133,6 +133,7 @@ def _preflight(hf_home, cwd, *extra):
                           capture_output=True, text=True, env=_env(hf_home), cwd=cwd)
 
 
+@pytest.mark.rehearsal  # three preflights of the real sweep (~90 s): with the sweeps, in CI
 def test_preflight_finds_every_asset_and_names_the_first_one_missing(cache, tmp_path):
     """``raylens preflight`` (every sweep runs it first) on the full cache, then on copies
     missing the model's weights or the lens's parameters: each missing piece is one error line
