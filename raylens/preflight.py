@@ -24,9 +24,9 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "token
 """The files of a model repository raylens reads (no other formats, no READMEs)."""
 
 
-def _weight_files(folder: Path) -> list[str]:
-    """The weight files a model folder must hold: the shards its index names, else
-    ``model.safetensors``; the missing ones are returned."""
+def _missing_weight_files(folder: Path) -> list[str]:
+    """Which weight files a model folder lacks: the shards its index names, else
+    ``model.safetensors`` (or ``pytorch_model.bin``)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -62,7 +62,7 @@ def preflight(config: UnlearnConfig, toyworld: Path | None = None) -> list[str]:
     missing."""
     layers = validate(config, toyworld)
     folder = model_folder(config, toyworld)
-    missing = _weight_files(folder)
+    missing = _missing_weight_files(folder)
     if missing:
         raise ConfigError(
             f"model.name_or_path={config.model.name_or_path!r}: its weights are not all in "

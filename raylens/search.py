@@ -241,14 +241,6 @@ def fail_orphaned_trials(study_url: str, study_name: str) -> int:
     return len(orphans)
 
 
-def _concurrency(sweep: SweepConfig) -> int | None:
-    """Tune's cap on trials at once: the sweep's ``max_concurrent``, else none. Every trial
-    holds one ``TRAIN_DRIVER`` slot, so the slots bound it, counted as Tune schedules: a node
-    that joins after the sweep started adds its slots (with a searcher, Tune keeps one trial
-    pending at a time, so no trial is sampled before a slot can take it)."""
-    return sweep.max_concurrent
-
-
 def _drop_checkpoints(where: SweepPaths, trial_id: str) -> int:
     """Delete a finished trial's Ray Train checkpoints (its export, history and report stay):
     on the real model each is tens of GB. Returns how many were deleted."""
@@ -293,7 +285,10 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print,
     where = paths(sweep)
     where.root.mkdir(parents=True, exist_ok=True)
     study_url = sweep.study_url or where.study_url
-    concurrency = _concurrency(sweep)
+    # Tune's cap: the sweep's max_concurrent, else none. Each trial holds one TRAIN_DRIVER
+    # slot, so the slots bound it as Tune schedules, and a node that joins later adds its own
+    # (with a searcher Tune keeps one trial pending, so nothing is sampled before a slot frees)
+    concurrency = sweep.max_concurrent
     slots = ray.cluster_resources().get(DRIVER_RESOURCE, 0)
     if not slots:
         raise RuntimeError(f"the Ray cluster offers no {DRIVER_RESOURCE} resource: start it with "
