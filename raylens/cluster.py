@@ -67,6 +67,16 @@ class Node:
         return self.home / ".raylens"
 
     @property
+    def is_head(self) -> bool:
+        return self.node_ip == self.head_ip
+
+    @property
+    def head_marker(self) -> Path:
+        """Written into the shared folder by the head's ``setup-node`` (it is set up before any
+        worker): a worker that does not find it, naming its head, has another folder there."""
+        return self.shared / "raylens" / "head"
+
+    @property
     def db_port(self) -> int:
         return int(os.environ.get("RAYLENS_DB_PORT", "5432"))
 
@@ -148,8 +158,8 @@ def load_secrets(node: Node) -> dict[str, str]:
 
 def check_node(node: Node) -> list[str]:
     """What makes this node unfit to join, as messages (empty: fit): Python, torch's CUDA (unless
-    ``RAYLENS_NODE_GPUS=0``), the shared folder writable with working file locks, the token and
-    secrets owner-only."""
+    ``RAYLENS_NODE_GPUS=0``), the shared folder (mounted, writable with working file locks, on a
+    worker the head's), the token and secrets owner-only."""
     problems = []
     if sys.version_info < MIN_PYTHON:
         problems.append(f"Python {sys.version.split()[0]} is too old: raylens needs >= 3.11")
@@ -164,14 +174,25 @@ def check_node(node: Node) -> list[str]:
                     "it); set RAYLENS_NODE_GPUS=0 on a node meant to run without GPUs")
         except ImportError as exc:
             problems.append(f"torch does not import: {exc}")
-    try:
-        node.shared.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=node.shared, prefix=".raylens-lock-") as probe:
-            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the datasets cache locks files
-            fcntl.flock(probe, fcntl.LOCK_UN)
-    except OSError as exc:
-        problems.append(f"shared folder {node.shared}: {exc} (it must be writable, with working "
-                        "file locks, on every node)")
+    if not node.shared.is_dir():  # never made here: a local folder would pass for the shared one
+        problems.append(f"shared folder {node.shared} does not exist: mount the cluster's shared "
+                        "file system there, or set RAYLENS_SHARED to where it is mounted")
+    else:
+        try:
+            with tempfile.NamedTemporaryFile(dir=node.shared, prefix=".raylens-lock-") as probe:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the datasets cache locks
+                fcntl.flock(probe, fcntl.LOCK_UN)
+        except OSError as exc:
+            problems.append(f"shared folder {node.shared}: {exc} (it must be writable, with "
+                            "working file locks, on every node)")
+        if not node.is_head:
+            seen = node.head_marker.read_text().strip() if node.head_marker.is_file() else None
+            if seen != node.head_ip:
+                problems.append(
+                    f"shared folder {node.shared} is not the head's: {node.head_marker} "
+                    + ("is missing" if seen is None else f"names head {seen}")
+                    + f" (the head {node.head_ip} writes it when it is set up); mount the same "
+                    "file system on every node")
     for path in (node.home / ".ray" / "auth_token", node.dir / "cluster.env"):
         if not path.exists():
             problems.append(f"{path} is missing (cluster.yaml's file_mounts ship it)")
@@ -188,6 +209,8 @@ def setup_node(node: Node) -> Path:
         raise ClusterError("this node cannot join the cluster:\n  " + "\n  ".join(problems))
     for sub in ("raylens/runs", "raylens/mlflow/artifacts", "hf/hub", "hf/datasets"):
         (node.shared / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
+    if node.is_head:
+        node.head_marker.write_text(node.head_ip + "\n")
     creds = load_secrets(node)
     values = {
         "RAYLENS_NODE_IP": node.node_ip, "RAYLENS_HEAD_IP": node.head_ip,
@@ -219,10 +242,13 @@ def _postgres_bin() -> Path:
 
 
 def _pidfile_alive(pidfile: Path) -> int | None:
+    """The pid ``pidfile`` names while that process runs (a zombie, dead but not yet reaped by
+    its parent, counts as ended: signals no longer reach it)."""
     try:
         pid = int(pidfile.read_text().split()[0])
         os.kill(pid, 0)
-        return pid
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return None if state == "Z" else pid
     except (OSError, ValueError, IndexError):
         return None
 

@@ -4,6 +4,8 @@ with every reason at once. The services and the launcher itself run in the clust
 (``make test-cluster``)."""
 
 import stat
+import time
+from pathlib import Path
 
 import pytest
 
@@ -11,14 +13,15 @@ from raylens import cluster
 from raylens.config import ConfigError, SweepConfig, recipe, url_password
 
 
-def _node(tmp_path, **env) -> cluster.Node:
-    home = tmp_path / "home"
+def _node(tmp_path, node_ip="10.0.0.3", shared="shared") -> cluster.Node:
+    """A node whose SSH user has the token and secrets cluster.yaml ships (head: 10.0.0.1)."""
+    home = tmp_path / f"home-{node_ip}"
     (home / ".ray").mkdir(parents=True)
     token = home / ".ray" / "auth_token"
     token.write_text("token\n")
     token.chmod(0o600)
     cluster.make_secrets(home / ".raylens" / "cluster.env")
-    return cluster.Node(home=home, shared=tmp_path / "shared", node_ip="10.0.0.3",
+    return cluster.Node(home=home, shared=tmp_path / shared, node_ip=node_ip,
                         head_ip="10.0.0.1")
 
 
@@ -44,6 +47,8 @@ def test_secrets_are_owner_only_random_and_never_replaced(tmp_path):
 def test_node_env_points_every_node_at_the_head_without_a_credential_in_any_url(tmp_path,
                                                                                monkeypatch):
     monkeypatch.setenv("RAYLENS_NODE_GPUS", "0")  # this machine has no GPU
+    (tmp_path / "shared").mkdir()
+    cluster.setup_node(_node(tmp_path, "10.0.0.1"))  # the head first, as ray up does
     node = _node(tmp_path)
     env = cluster.read_env_file(cluster.setup_node(node))
     assert _mode(node.dir / "node.env") == 0o600
@@ -78,6 +83,30 @@ def test_an_unfit_node_is_refused_with_every_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYLENS_NODE_GPUS", "0")  # a CPU node: only the two others remain
     problems = cluster.check_node(node)
     assert len(problems) == 2 and not any("GPU" in p for p in problems)
+
+
+def test_a_worker_without_the_heads_shared_folder_is_refused(tmp_path, monkeypatch):
+    """The shared folder is never made by the check (a local folder would pass for it), and a
+    worker must find the head's marker in it: a node that mounted nothing, or another file
+    system, at RAYLENS_SHARED is refused before it runs a trial."""
+    monkeypatch.setenv("RAYLENS_NODE_GPUS", "0")
+    worker = _node(tmp_path)
+    (problem,) = cluster.check_node(worker)
+    assert "shared folder" in problem and "does not exist" in problem
+    assert not worker.shared.exists()
+    worker.shared.mkdir()
+    (problem,) = cluster.check_node(worker)  # mounted, but not the head's (never set up there)
+    assert f"{worker.head_marker} is missing" in problem and "10.0.0.1" in problem
+    head = _node(tmp_path, "10.0.0.1")
+    assert cluster.check_node(head) == []  # the head needs no marker: it writes it
+    cluster.setup_node(head)
+    assert cluster.check_node(worker) == []
+    elsewhere = _node(tmp_path, "10.0.0.4", shared="other-shared")
+    elsewhere.shared.mkdir()
+    (elsewhere.head_marker.parent).mkdir(parents=True)
+    elsewhere.head_marker.write_text("10.0.0.9\n")  # an old cluster's folder
+    (problem,) = cluster.check_node(elsewhere)
+    assert "names head 10.0.0.9" in problem
 
 
 def test_a_nodes_address_is_where_the_launcher_reached_it(monkeypatch):
@@ -128,3 +157,22 @@ def test_pidfile_stop_ends_only_the_process_it_names(tmp_path):
     finally:
         keep.kill()
         proc.kill()
+
+
+def test_an_ended_process_not_yet_reaped_counts_as_stopped(tmp_path):
+    """A service that exited but whose parent has not reaped it (a zombie) is no longer running:
+    stopping it must not wait out the timeout (it used to: 30 s in the parent that started it)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc_stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc_stat.read_text().rsplit(")", 1)[1][1] != "Z":
+        time.sleep(0.05)
+    pidfile = tmp_path / "x.pid"
+    pidfile.write_text(f"{proc.pid}\n")
+    try:
+        assert cluster._pidfile_alive(pidfile) is None
+    finally:
+        proc.wait()
