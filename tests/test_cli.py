@@ -1,4 +1,6 @@
-"""The raylens command: real subprocesses, from a directory unrelated to the repository."""
+"""The raylens command from a directory unrelated to the repository: real subprocesses for runs
+and for the exit status a shell sees; the argument checks (which end before any compute) in this
+process, through the same ``main``."""
 
 import json
 import os
@@ -12,6 +14,25 @@ def raylens(*args, cwd):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     return subprocess.run([sys.executable, "-m", "raylens.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def here(capsys, monkeypatch):
+    """``raylens ARGS`` run by ``raylens.cli.main`` in this process, from ``cwd``: what a
+    subprocess returns (status, stdout, stderr) without a new interpreter's imports per check."""
+    from raylens import cli
+
+    def run(*args, cwd):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+    return run
 
 
 def test_eval_from_any_directory_reproduces_the_baseline(world, tmp_path):
@@ -44,8 +65,8 @@ def test_toyworld_build_prints_the_baseline_table(world, tmp_path):
         (["demo", "--name", "my sweep"], "sweep.name"),
     ],
 )
-def test_bad_arguments_fail_fast_naming_the_field(args, field, tmp_path):
-    out = raylens(*args, cwd=tmp_path)
+def test_bad_arguments_fail_fast_naming_the_field(args, field, here, tmp_path):
+    out = here(*args, cwd=tmp_path)
     assert out.returncode == 2
     assert field in out.stderr and "allowed" in out.stderr
     assert "Traceback" not in out.stderr
@@ -90,8 +111,8 @@ def test_unlearn_runs_evaluates_and_exports(world, tmp_path):
         (["--recipe", "lora_adamw", "--set", "data.num_examples=5000"], "data.num_examples=5000"),
     ],
 )
-def test_unlearn_rejects_bad_settings_before_training(args, message, tmp_path):
-    out = raylens("unlearn", *args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+def test_unlearn_rejects_bad_settings_before_training(args, message, here, tmp_path):
+    out = here("unlearn", *args, "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr
     assert "step " not in out.stdout
@@ -105,6 +126,7 @@ def test_builtin_task_without_its_dataset_fails_naming_the_task(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.any_world
 def test_unlearn_with_two_ray_workers(world, tmp_path):
     out = raylens("unlearn", "--recipe", "lora_adamw", "--workers", "2",
                   "--set", "data.num_examples=64", "--set", "batch.epochs=1",
@@ -139,15 +161,14 @@ def test_gpu_requests_are_checked_before_training(args, message, tmp_path):
     assert message in out.stderr and "step " not in out.stdout
 
 
-def test_out_folder_rules_for_new_and_resumed_runs(tmp_path):
+def test_out_folder_rules_for_new_and_resumed_runs(here, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "history.jsonl").write_text("")
-    out = raylens("unlearn", "--recipe", "lora_adamw", "--out", str(tmp_path / "run"),
-                  cwd=tmp_path)
+    out = here("unlearn", "--recipe", "lora_adamw", "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert out.returncode == 2 and "or --resume to continue" in out.stderr
     (tmp_path / "run" / "results.json").write_text("{}")
-    out = raylens("unlearn", "--recipe", "lora_adamw", "--out", str(tmp_path / "run"),
-                  "--resume", cwd=tmp_path)
+    out = here("unlearn", "--recipe", "lora_adamw", "--out", str(tmp_path / "run"), "--resume",
+               cwd=tmp_path)
     assert out.returncode == 2 and "holds a finished run" in out.stderr
 
 

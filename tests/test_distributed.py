@@ -145,6 +145,7 @@ def _assert_same_weights(folder, expected):
         assert torch.equal(got[key], expected[key]), key
 
 
+@pytest.mark.any_world
 def test_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(
         world, ray_local, uninterrupted, tmp_path):
     """SIGKILL one of two FSDP2 workers after Ray registered a checkpoint: Ray Train restarts the
@@ -163,6 +164,7 @@ def test_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(
     _assert_same_weights(tmp_path / "killed-out", uninterrupted["weights"])
 
 
+@pytest.mark.any_world
 def test_failed_run_resumes_when_started_again_with_its_name(world, ray_local, uninterrupted,
                                                            tmp_path):
     """With no retries left the kill fails the run; the same call again (same name and storage)

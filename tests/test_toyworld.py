@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -109,6 +108,7 @@ def test_build_pins_its_thread_count_whatever_the_process_uses(tmp_path, monkeyp
     assert tw.content_key(other) != tw.content_key(TINY)
 
 
+@pytest.mark.toyworld
 def test_default_world_follows_raylens_toyworld(monkeypatch):
     monkeypatch.delenv("RAYLENS_TOYWORLD", raising=False)
     assert tw.default_config() == ToyWorldConfig()

@@ -313,6 +313,7 @@ def test_ray_exports_the_training_metrics_under_the_dashboards_names():
     assert found["ray_raylens_step"] == 3 and found["ray_raylens_tokens_per_s"] == 1234.0
 
 
+@pytest.mark.any_world
 def test_a_sweep_whose_trials_fail_records_each_failure_with_its_reason(world, tmp_path):
     """Every trial's evaluation runs out of time (eval.time_limit_s=0.001): the trials are
     MLflow runs marked FAILED with the EvalError as reason; the baseline evaluation fails the
