@@ -310,7 +310,7 @@ def cmd_rehearsal_build(args) -> int:
 def cmd_preflight(args) -> int:
     """Check (or, for prefetch, first download) every asset a sweep file's base config names."""
     from raylens import preflight
-    from raylens.search import load_sweep_file, sweep_from_options
+    from raylens.sweepfile import load_sweep_file, sweep_from_options
 
     online = args.command == "prefetch"
     if online and os.environ.get("RAYLENS_ONLINE") != "1":
@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--output", default=None, help="write to this file instead of printing")
     rep.set_defaults(func=cmd_report)
 
-    from raylens.search import add_sweep_options
+    from raylens.sweepfile import add_sweep_options
 
     for name, text in (("preflight", "check that everything a sweep file names is in the "
                         "local cache (every sweep runs this before its first trial)"),
@@ -463,10 +463,10 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
     args = build_parser().parse_args(argv)
+    if args.command != "cluster":  # cluster.yaml's node commands import none of these libraries
+        _quiet_libraries()
     from raylens.cluster import ClusterError
-    from raylens.evaluate import EvalError
 
     try:
         return args.func(args)
@@ -476,7 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"raylens: error: {exc}", file=sys.stderr)
         return 2
-    except EvalError as exc:
+    except Exception as exc:
+        evaluate = sys.modules.get("raylens.evaluate")  # imported by whatever raised EvalError
+        if evaluate is None or not isinstance(exc, evaluate.EvalError):
+            raise
         print(f"raylens: evaluation failed: {exc}", file=sys.stderr)
         return 1
 

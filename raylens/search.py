@@ -26,14 +26,13 @@ import optuna
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from raylens.config import (
-    ConfigError, SweepConfig, parse_overrides, redact_url, replace, replace_sweep, to_flat,
-)
+from raylens.config import ConfigError, SweepConfig, redact_url, replace, to_flat
 from raylens.tracking import (
     Tracker, fail_open_trial, finish_sweep, pareto_front, record_failure, record_trial,
     start_sweep, trial_run, update_front,
 )
 from raylens.preflight import preflight
+from raylens.sweepfile import add_sweep_options, sweep_from_options
 from raylens.train import evaluate_base, fit_on_ray
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
@@ -384,57 +383,6 @@ def front_table(rows: list[dict], sweep: SweepConfig) -> str:
                    else str(r["params"].get(k, "-")) for k in keys], r["trial_id"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def add_sweep_options(parser) -> None:
-    """The options of a sweep file (and of ``raylens preflight``/``prefetch``)."""
-    import os
-
-    parser.add_argument("--toy", action="store_true", help="the toy-world version, on this machine")
-    parser.add_argument("--trials", type=int, default=None, help="override the trial budget")
-    parser.add_argument("--storage", default=os.environ.get("RAYLENS_STORAGE"),
-                        help="storage root (default $RAYLENS_STORAGE, else the sweep's own)")
-    parser.add_argument("--study-url", default=os.environ.get("RAYLENS_STUDY_URL"),
-                        help="Optuna storage (default $RAYLENS_STUDY_URL, else sqlite in the "
-                             "sweep folder); no password in it: PostgreSQL reads ~/.pgpass")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a base setting (flat key, e.g. data.num_examples=64) "
-                             "or a sweep setting (sweep.retain_floor=0.2); repeatable")
-
-
-def sweep_from_options(real: SweepConfig, toy: SweepConfig, args) -> tuple[SweepConfig,
-                                                                          Path | None]:
-    """The sweep the options select (``--toy``) with their overrides, and its toy world folder
-    (None for the real sweep). ``ConfigError`` naming the field on bad input."""
-    sweep = toy if args.toy else real
-    overrides = parse_overrides(args.set)
-    own = {k[len("sweep."):]: v for k, v in overrides.items() if k.startswith("sweep.")}
-    base = {k: v for k, v in overrides.items() if not k.startswith("sweep.")}
-    changes = {k: v for k, v in (("num_trials", args.trials), ("storage", args.storage),
-                                 ("study_url", args.study_url)) if v is not None}
-    sweep = replace_sweep(sweep, {**own, **changes}, base)
-    toyworld = None
-    if args.toy:
-        from raylens import toyworld as tw
-
-        toyworld = tw.load_or_build().root
-    return sweep, toyworld
-
-
-def load_sweep_file(path: str | Path) -> tuple[SweepConfig, SweepConfig]:
-    """``REAL`` and ``TOY`` of a ``sweeps/*.py`` file (importing it runs no sweep)."""
-    import importlib.util
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"raylens_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    real, toy = getattr(module, "REAL", None), getattr(module, "TOY", None)
-    if not (isinstance(real, SweepConfig) and isinstance(toy, SweepConfig)):
-        raise ConfigError(f"sweep file {str(path)!r} defines no REAL and TOY SweepConfig")
-    return real, toy
 
 
 def sweep_main(real: SweepConfig, toy: SweepConfig, argv: list[str] | None = None) -> int:

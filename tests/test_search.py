@@ -181,6 +181,8 @@ def _demo(args, cwd, **kwargs):
                             start_new_session=True, **kwargs)
 
 
+@pytest.mark.any_world  # its one build-sensitive check (fast scorer = lm-eval on the unmodified
+# model) is test_scorer's per-question agreement on that model, which the fresh world reruns
 def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tmp_path):
     """SIGKILL the demo's driver (and the Ray instance it started) once two trials have
     finished, run the same command again: the finished trials keep their results untouched, every

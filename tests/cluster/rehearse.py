@@ -99,9 +99,20 @@ class Rehearsal:
         return self.node_dir(node) / "home"
 
     def mounts(self, node: str) -> list[tuple[Path, str, bool]]:
-        """(source, mount point, read-only) for a node's mount namespace."""
+        """(source, mount point, read-only) for a node's mount namespace, in order."""
         if node == "laptop":
-            return [(self.node_dir(node) / "tmp", "/tmp", False)]
+            # its own /tmp (Ray's launcher keeps state there), with this checkout's venv seen
+            # where it is even when that is under /tmp (a CI clone may be): the host's /tmp is
+            # bound aside first, the venv bound back from there
+            host_tmp = self.node_dir(node) / "host-tmp"
+            binds = [(Path("/tmp"), str(host_tmp), True),
+                     (self.node_dir(node) / "tmp", "/tmp", False)]
+            venv = Path(sys.executable).resolve().parent.parent
+            if venv.is_relative_to("/tmp"):
+                (self.node_dir(node) / "tmp" / venv.relative_to("/tmp")).mkdir(
+                    parents=True, exist_ok=True)
+                binds.append((host_tmp / venv.relative_to("/tmp"), str(venv), True))
+            return binds
         return [(self.home(node), f"/home/{USER}", False),
                 (self.root / "shared", "/shared", False),
                 (self.root / "image" / "dist-packages", "/usr/local/lib/python3.11/dist-packages",
@@ -145,7 +156,9 @@ class Rehearsal:
         site = next(venv.glob("lib/python3*/site-packages"))
         image = self.root / "image"
         image.mkdir()
-        run(["cp", "-al", str(site), str(image / "dist-packages")])
+        if run(["cp", "-al", str(site), str(image / "dist-packages")], check=False).returncode:
+            shutil.rmtree(image / "dist-packages", ignore_errors=True)  # another file system:
+            run(["cp", "-a", str(site), str(image / "dist-packages")])  # copy (slower)
         for path in (image / "dist-packages").iterdir():
             if "raylens" in path.name:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -191,6 +204,7 @@ class Rehearsal:
         (laptop / ".ssh").mkdir(parents=True)
         (laptop / "tmp").mkdir()
         os.chmod(laptop / "tmp", 0o1777)  # mkdir's mode is masked by the umask
+        (laptop / "host-tmp").mkdir()
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "raylens-rehearsal",
              "-f", str(laptop / ".ssh" / "raylens_cluster")])
         public = (laptop / ".ssh" / "raylens_cluster.pub").read_text()
