@@ -33,9 +33,12 @@ test-fresh-world: install
 	    $(VENV)/bin/python -m pytest -q -m "toyworld and not slow and not rehearsal"; rc=$$?; \
 	    rm -rf "$$cache"; exit $$rc
 
-# The four real sweep files, unmodified, on an offline cache of stand-ins for their hub ids.
+# The four real sweep files, unmodified, on an offline cache of stand-ins for their hub ids
+# (REHEARSAL_SELECT: a pytest -k expression choosing among them; default all).
+REHEARSAL_SELECT ?=
 test-rehearsal: install
-	$(VENV)/bin/python -m pytest -q -m rehearsal tests/test_rehearsal.py
+	$(VENV)/bin/python -m pytest -q -m rehearsal tests/test_rehearsal.py \
+	    $(if $(REHEARSAL_SELECT),-k "$(REHEARSAL_SELECT)")
 
 # As root: a head and two worker nodes in network namespaces on this machine, each with its own
 # sshd; ray up, ray submit, a detached ray job submit and ray down of cluster.yaml (see

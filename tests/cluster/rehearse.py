@@ -107,7 +107,7 @@ class Rehearsal:
             host_tmp = self.node_dir(node) / "host-tmp"
             binds = [(Path("/tmp"), str(host_tmp), True),
                      (self.node_dir(node) / "tmp", "/tmp", False)]
-            venv = Path(sys.executable).resolve().parent.parent
+            venv = Path(sys.executable).absolute().parent.parent  # unresolved: python is a link
             if venv.is_relative_to("/tmp"):
                 (self.node_dir(node) / "tmp" / venv.relative_to("/tmp")).mkdir(
                     parents=True, exist_ok=True)
