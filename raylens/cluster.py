@@ -241,14 +241,19 @@ def _postgres_bin() -> Path:
     return found[-1].parent
 
 
+def process_state(pid: int) -> str:
+    """The state letter Linux reports for ``pid`` (``R``, ``S``, ``Z`` for a zombie, ...); the
+    command name before it may hold spaces and parentheses, so it is cut at the last ``)``."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def _pidfile_alive(pidfile: Path) -> int | None:
     """The pid ``pidfile`` names while that process runs (a zombie, dead but not yet reaped by
     its parent, counts as ended: signals no longer reach it)."""
     try:
         pid = int(pidfile.read_text().split()[0])
         os.kill(pid, 0)
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return None if state == "Z" else pid
+        return None if process_state(pid) == "Z" else pid
     except (OSError, ValueError, IndexError):
         return None
 

@@ -5,6 +5,7 @@ the ``raylens`` command builds its parser from it without importing Ray, Optuna 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from raylens.config import ConfigError, SweepConfig, parse_overrides, replace_sweep
@@ -12,8 +13,6 @@ from raylens.config import ConfigError, SweepConfig, parse_overrides, replace_sw
 
 def add_sweep_options(parser) -> None:
     """The options of a sweep file (and of ``raylens preflight``/``prefetch``)."""
-    import os
-
     parser.add_argument("--toy", action="store_true", help="the toy-world version, on this machine")
     parser.add_argument("--trials", type=int, default=None, help="override the trial budget")
     parser.add_argument("--storage", default=os.environ.get("RAYLENS_STORAGE"),

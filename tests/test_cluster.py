@@ -5,7 +5,6 @@ with every reason at once. The services and the launcher itself run in the clust
 
 import stat
 import time
-from pathlib import Path
 
 import pytest
 
@@ -166,9 +165,8 @@ def test_an_ended_process_not_yet_reaped_counts_as_stopped(tmp_path):
     import sys
 
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc_stat = Path(f"/proc/{proc.pid}/stat")
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc_stat.read_text().rsplit(")", 1)[1][1] != "Z":
+    while time.monotonic() < deadline and cluster.process_state(proc.pid) != "Z":
         time.sleep(0.05)
     pidfile = tmp_path / "x.pid"
     pidfile.write_text(f"{proc.pid}\n")
