@@ -11,60 +11,13 @@ CPU so each failure the GPU would hit fails here too.
 """
 
 import json
-import multiprocessing as mp
 import os
-import socket
 
 import pytest
 import torch
 
 from raylens.config import recipe
-
-SPAWN = mp.get_context("spawn")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_ranks(target, world: int, *args, timeout: float = 180.0) -> list:
-    """Run ``target(rank, world, port, *args)`` in ``world`` spawned processes; their return
-    values (or ``("error", repr)``), in rank order. A process still running after ``timeout``
-    (a rank stranded in a collective) fails the test."""
-    port, queue = _free_port(), SPAWN.Queue()
-    procs = [SPAWN.Process(target=_entry, args=(target, rank, world, port, queue, args))
-             for rank in range(world)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in procs:
-            rank, value = queue.get(timeout=timeout)
-            results[rank] = value
-    except Exception:
-        pytest.fail(f"ranks {sorted(set(range(world)) - set(results))} did not finish within "
-                    f"{timeout:g} s (stranded in a collective?)")
-    finally:
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
-
-
-def _entry(target, rank, world, port, queue, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        value = target(rank, world, *args)
-    except Exception as exc:
-        value = ("error", f"{type(exc).__name__}: {exc}")
-    queue.put((rank, value))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
+from ranks import run_ranks
 
 def _nccl_like_collectives(rank, world):
     import torch.distributed as dist
@@ -83,7 +36,7 @@ def _nccl_like_collectives(rank, world):
 
 
 def test_raylens_collectives_work_in_a_group_without_a_cpu_backend():
-    results = _run_ranks(_nccl_like_collectives, 2)
+    results = run_ranks(_nccl_like_collectives, 2)
     for r in results:
         assert "No backend type associated with device type cpu" in r["plain"]  # the emulation
         assert r["sum"] == [3.0, 20.0]
@@ -114,7 +67,7 @@ def test_eval_time_limit_is_decided_by_all_ranks_together(world):
     """Rank 1 is past its limit before the first batch, rank 0 is not: both stop at the same
     batch with the time-limit error. (Deciding per rank, rank 0 waited in the gather for a rank
     that had left.)"""
-    results = _run_ranks(_eval_with_limits, 2, str(world.root), [1e6, 1e-9], timeout=120)
+    results = run_ranks(_eval_with_limits, 2, str(world.root), [1e6, 1e-9], timeout=120)
     assert [kind for kind, _ in results] == ["eval_error", "eval_error"], results
     assert all("after 0 of" in message and "eval.time_limit_s" in message
                for _, message in results)
@@ -263,9 +216,9 @@ def test_dropout_masks_differ_per_rank_and_rank_0_keeps_the_one_process_stream(w
     drew the same ones, so a run's result depended on its worker count); rank 0's stream is the
     one a single process draws, so a 1-worker run and rank 0 agree."""
     steps = 2
-    two = _run_ranks(_dropout_masks, 2, str(world.root), steps)
+    two = run_ranks(_dropout_masks, 2, str(world.root), steps)
     assert not any(isinstance(r, tuple) for r in two), two
-    (one,) = _run_ranks(_dropout_masks, 1, str(world.root), steps)
+    (one,) = run_ranks(_dropout_masks, 1, str(world.root), steps)
     assert len(two[0]) == len(two[1]) == len(one) == steps
     for step in range(steps):
         assert two[0][step] != two[1][step], f"step {step}: both ranks drew the same mask"
