@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # "Figures and machines").
 FRESH_WORLD ?= {"build_threads": 1}
 
-.PHONY: install demo test test-fresh-world test-rehearsal test-cluster test-slow test-gpu bench
+.PHONY: install demo lint test test-integration test-fresh-world test-rehearsal test-cluster test-slow test-gpu bench
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,18 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/raylens demo
 
-test: install
+# ruff (pycodestyle, pyflakes, import order, docstrings, branching; pyproject.toml) and mypy
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(VENV)/bin/python -m pytest -q
+
+# The tests that start Ray Train worker groups, sweeps or subprocess drivers (marked integration):
+# every assertion the default run leaves out for time; CI runs them after it.
+test-integration: install
+	$(VENV)/bin/python -m pytest -q -m "integration and not slow and not rehearsal"
 
 test-fresh-world: install
 	cache="$$(mktemp -d)"; RAYLENS_CACHE="$$cache" RAYLENS_TOYWORLD='$(FRESH_WORLD)' \

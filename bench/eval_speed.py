@@ -22,13 +22,23 @@ import torch
 
 import raylens  # noqa: F401
 from raylens import toyworld as tw
-from raylens.evaluate import choice_logliks, hf_lm, load_questions, predictions, task_manager
+from raylens.evaluate import (
+    choice_logliks,
+    hf_lm,
+    lm_eval_0shot,
+    load_questions,
+    predictions,
+    task_manager,
+)
 
 
 def main() -> None:
-    from lm_eval import simple_evaluate
+    """Time lm-eval and the fast scorer side by side and print their ratio."""
     from transformers import (
-        AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
     )
 
     world = tw.load_or_build()
@@ -48,11 +58,8 @@ def main() -> None:
                 (("answer-text", ("toy_wmdp", "toy_mmlu")), ("letters", ("wmdp_bio_robust",)))):
             manager = task_manager(tasks, world.root, data_dir)
             start = time.perf_counter()
-            out = simple_evaluate(model=hf_lm(model, tokenizer, 32), tasks=list(tasks),
-                                  num_fewshot=0, task_manager=manager, log_samples=True,
-                                  random_seed=None, numpy_random_seed=None,
-                                  torch_random_seed=None, fewshot_random_seed=None,
-                                  bootstrap_iters=0)
+            out = lm_eval_0shot(hf_lm(model, tokenizer, 32), tasks, manager, log_samples=True,
+                                bootstrap_iters=0)
             lm_eval_s = time.perf_counter() - start
             start = time.perf_counter()
             questions = load_questions(tasks, tokenizer, toyworld=world.root, data_dir=data_dir)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import raylens  # noqa: F401
 from raylens import toyworld as tw
-from raylens.config import recipe
-from raylens.train import fit_on_ray
+from raylens.ray_train import fit_on_ray
+from raylens.recipes import recipe
 
 SHAPE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
              intermediate_size=3072)
@@ -55,6 +55,7 @@ def write_model(folder: Path, world) -> int:
 
 
 def measure(workers: int, use_gpu: bool, world, folder: Path, tmp: Path) -> list[dict]:
+    """Train with ``workers`` FSDP2 ranks; each rank's resident and peak memory."""
     config = recipe("sft_adamw", {
         "model.name_or_path": str(folder), "model.dtype": "bfloat16",
         "lens.name_or_path": str(folder / "lens"), "loss.target_layers": (2, 4, 6, 8, 10),
@@ -85,6 +86,7 @@ def bf16_matmul_slowdown(n: int = 256) -> float:
 
 
 def main() -> None:
+    """Measure 1, 2 and 4 ranks and print the per-rank memory table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--json", default=None, help="also write the figures to this file")

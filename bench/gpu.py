@@ -91,10 +91,16 @@ def write_documents(path: Path, texts: list[str], tokenizer, tokens: int, count:
 def lm_eval_agreement(folder: Path, world, device: str, tasks=("toy_wmdp", "toy_mmlu")) -> dict:
     """The exported model scored by the fast scorer and by lm-eval on the same questions."""
     import torch
-    from lm_eval import simple_evaluate
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raylens.evaluate import choice_logliks, hf_lm, load_questions, predictions, task_manager
+    from raylens.evaluate import (
+        choice_logliks,
+        hf_lm,
+        lm_eval_0shot,
+        load_questions,
+        predictions,
+        task_manager,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -106,10 +112,8 @@ def lm_eval_agreement(folder: Path, world, device: str, tasks=("toy_wmdp", "toy_
         torch.cuda.synchronize()
     out["fast_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    result = simple_evaluate(model=hf_lm(model, tokenizer, 32), tasks=list(tasks),
-                             num_fewshot=0, task_manager=task_manager(tasks, world.root),
-                             log_samples=True, random_seed=None, numpy_random_seed=None,
-                             torch_random_seed=None, fewshot_random_seed=None)
+    result = lm_eval_0shot(hf_lm(model, tokenizer, 32), tasks, task_manager(tasks, world.root),
+                           log_samples=True)
     out["lm_eval_s"] = time.perf_counter() - start
     reference = {(t, s["doc_id"]): [r[0] for r in s["filtered_resps"]]
                  for t, samples in result["samples"].items() for s in samples}
@@ -129,10 +133,11 @@ def lm_eval_agreement(folder: Path, world, device: str, tasks=("toy_wmdp", "toy_
 
 
 def run(name: str, recipe_name: str, shape: dict, world, root: Path, *, smoke: bool) -> dict:
+    """One real-shape run through ``fit_on_ray``; its report with step time and memory."""
     from transformers import AutoTokenizer
 
-    from raylens.config import recipe
-    from raylens.train import fit_on_ray
+    from raylens.ray_train import fit_on_ray
+    from raylens.recipes import recipe
 
     device = "cpu" if smoke else "cuda"
     tokenizer = AutoTokenizer.from_pretrained(world.model)
@@ -178,6 +183,7 @@ def run(name: str, recipe_name: str, shape: dict, world, root: Path, *, smoke: b
 
 
 def main(argv=None) -> int:
+    """Run the LoRA and FSDP2 shapes and print their table (``--smoke``: tiny, CPU)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
     parser.add_argument("--json", default=None, help="also write the figures to this file")

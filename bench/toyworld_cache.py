@@ -11,6 +11,7 @@ from raylens import toyworld as tw
 
 
 def main() -> None:
+    """Print the cold build time against the cached load time of the toy world."""
     world = tw.load_or_build()
     build_s = world.baseline["build_s"]
     start = time.perf_counter()

@@ -11,10 +11,12 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from raylens.config import TrackingConfig
-from raylens.tracking import plot_front_html, plot_front_png, resolve_uri, trial_rows
+from raylens.report import plot_front_html, plot_front_png
+from raylens.tracking import resolve_uri, trial_rows
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the sweep's front plot (PNG and HTML) from MLflow alone."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", help="the sweep's name")
     parser.add_argument("--uri", default=None, help="tracking URI (default as `raylens report`)")

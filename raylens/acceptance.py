@@ -27,6 +27,7 @@ class Bound:
     relative: bool = False
 
     def limit(self, baseline: dict[str, float]) -> float:
+        """The bound this check compares with (relative ones scale the baseline)."""
         return self.value * baseline[self.metric] if self.relative else self.value
 
     def margin(self, accs: dict[str, float], baseline: dict[str, float]) -> float:
@@ -35,6 +36,7 @@ class Bound:
         return -gap if self.op in ("<=", "<") else gap
 
     def holds(self, accs: dict[str, float], baseline: dict[str, float]) -> bool:
+        """Whether ``accs`` pass the check."""
         return OPS[self.op](accs[self.metric], self.limit(baseline))
 
     def __str__(self) -> str:
@@ -75,8 +77,8 @@ fine-tuning recipe can over-unlearn (retain too weak) and under-unlearn (retain 
 def run_check(item: Check, world: Path) -> dict[str, float]:
     """Train ``item``'s recipe on the toy world at ``world`` and score the result with lm-eval;
     ``{task: accuracy}``."""
-    from raylens.config import recipe
     from raylens.evaluate import hf_lm, run_lm_eval
+    from raylens.recipes import recipe
     from raylens.train import train
 
     result = train(recipe(item.recipe, item.overrides), toyworld=world, log=lambda *_: None)

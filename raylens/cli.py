@@ -10,7 +10,7 @@
                                       one unlearning run: eval before, train, export, eval after;
                                       --resume continues an interrupted run from its checkpoint
     raylens report EXPERIMENT [--format md|csv|json]
-                                      a sweep's table in the seed log's shape, from MLflow alone
+                                      a sweep's table in the seed runs' shape, from MLflow alone
     raylens ui [--port P]             the MLflow UI of the local store on 127.0.0.1
 
 Bad arguments are reported before any compute, naming the option, the value and what is allowed.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -39,6 +38,7 @@ def _toy_config(args) -> ToyWorldConfig:
 
 
 def cmd_toyworld_build(args) -> int:
+    """``raylens toyworld build``: build (or load) the toy world, print its baselines."""
     from raylens import toyworld as tw
 
     config = _toy_config(args)
@@ -59,7 +59,8 @@ def cmd_demo(args) -> int:
     import ray
 
     from raylens import toyworld as tw
-    from raylens.search import compare_to_base, connect_or_start, demo_sweep, front_table, run_sweep
+    from raylens.recipes import demo_sweep
+    from raylens.search import compare_to_base, connect_or_start, front_table, run_sweep
 
     storage = args.storage or os.environ.get("RAYLENS_STORAGE", "raylens-runs")
     name = args.name or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -74,7 +75,7 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     rows = run_sweep(sweep, toyworld=tw.load_or_build(_toy_config(args)).root)
     ray.shutdown()
-    finished = sum(r["wmdp"] is not None for r in rows)
+    finished = sum(r["forget_acc"] is not None for r in rows)
     print(f"\n{finished} of {len(rows)} trials finished in {time.perf_counter() - start:.0f} s; "
           "* = Pareto front (feasible, undominated)")
     print(front_table(rows, sweep))
@@ -87,6 +88,48 @@ def cmd_demo(args) -> int:
               f"plot is on run {name} under pareto/")
     print(f"rerun with --name {name} to resume this sweep")
     return 0 if any(r["pareto"] for r in rows) else 1
+
+
+def _sweep(sweep, toyworld: Path | None) -> int:
+    """Preflight, run and print a sweep file's sweep: the trial table with the Pareto front
+    marked and the base point's comparison; exit 0 when the front is not empty."""
+    import ray
+
+    from raylens.preflight import preflight
+    from raylens.search import compare_to_base, connect_or_start, front_table, run_sweep
+
+    _quiet_libraries()
+    for line in preflight(sweep.base, toyworld):
+        print(f"preflight: {line}")
+    connect_or_start(sweep)
+    rows = run_sweep(sweep, toyworld=toyworld, checked=True)
+    print(front_table(rows, sweep))
+    print(compare_to_base(rows, sweep))
+    ray.shutdown()
+    return 0 if any(r["pareto"] for r in rows) else 1
+
+
+def cmd_sweep(args) -> int:
+    """``raylens sweep FILE``: what ``python FILE`` does, for a sweep file anywhere."""
+    from raylens.sweepfile import load_sweep_file, sweep_from_options
+
+    return _sweep(*sweep_from_options(*load_sweep_file(args.sweep_file), args))
+
+
+def sweep_main(real, toy, argv: list[str] | None = None) -> int:
+    """Entry point of a ``sweeps/*.py`` file: the real sweep on the cluster this runs on
+    (``ray submit cluster.yaml sweeps/x.py`` or ``ray job submit``), or its toy-world version
+    with ``--toy``. Bad input is one line naming the field, exit 2, before any compute."""
+    from raylens.sweepfile import add_sweep_options, sweep_from_options
+
+    parser = argparse.ArgumentParser(description=f"sweep {real.name}")
+    add_sweep_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        return _sweep(*sweep_from_options(real, toy, args))
+    except ConfigError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _model_folder(name: str, world_config: ToyWorldConfig) -> tuple[Path, Path | None]:
@@ -106,6 +149,7 @@ def _model_folder(name: str, world_config: ToyWorldConfig) -> tuple[Path, Path |
 
 
 def cmd_eval(args) -> int:
+    """``raylens eval``: score a model folder or the toy models with lm-eval or the fast scorer."""
     from raylens.evaluate import evaluate_folder
 
     eval_config = EvalConfig(tasks=tuple(args.tasks), batch_size=args.batch_size,
@@ -121,16 +165,14 @@ def cmd_eval(args) -> int:
     toyworld = toyworld or default_world
     if args.scorer == "fast":
         from raylens.config import ModelConfig
-        from raylens.evaluate import scoring_device
+        from raylens.evaluate import evaluate_live, scoring_device
         from raylens.model import checkpoint_dtype, load_model, load_model_config
-        from raylens.train import evaluate_live
+        from raylens.train import without_predictions
 
         source = ModelConfig(name_or_path=str(folder))
         model, tokenizer = load_model(source, dtype=checkpoint_dtype(load_model_config(source)))
         model = model.to(scoring_device())
-        results = evaluate_live(model, tokenizer, eval_config, toyworld)
-        for r in results.values():
-            r.pop("predictions")
+        results = without_predictions(evaluate_live(model, tokenizer, eval_config, toyworld))
     else:
         results = evaluate_folder(folder, eval_config.tasks, toyworld=toyworld,
                                   batch_size=eval_config.batch_size, limit=args.limit,
@@ -138,31 +180,33 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(results, indent=1, sort_keys=True))
     else:
-        print(f"| task | acc | stderr | n |   ({folder})\n|---|---|---|---|")
-        for task, r in results.items():
-            print(f"| {task} | {r['acc']:.4f} | {r['acc_stderr'] or float('nan'):.4f} | {r['n']} |")
+        from raylens.report import markdown_table
+
+        print(f"{folder}:")
+        print(markdown_table(["task", "acc", "stderr", "n"], [
+            [task, f"{r['acc']:.4f}", f"{r['acc_stderr'] or float('nan'):.4f}", r["n"]]
+            for task, r in results.items()]))
     return 0
 
 
 def _results_table(before: dict, after: dict, in_trial: dict) -> str:
-    rows = ["| task | before | after | change | in-trial (fast scorer) |", "|---|---|---|---|---|"]
-    for task in after:
-        b, a = before[task]["acc"], after[task]["acc"]
-        rows.append(f"| {task} | {b:.4f} | {a:.4f} | {a - b:+.4f} | {in_trial[task]['acc']:.4f} |")
-    return "\n".join(rows)
+    from raylens.report import markdown_table
+
+    return markdown_table(
+        ["task", "before", "after", "change", "in-trial (fast scorer)"],
+        [[task, f"{before[task]['acc']:.4f}", f"{after[task]['acc']:.4f}",
+          f"{after[task]['acc'] - before[task]['acc']:+.4f}", f"{in_trial[task]['acc']:.4f}"]
+         for task in after])
 
 
 def cmd_unlearn(args) -> int:
+    """``raylens unlearn``: one run of a recipe (``unlearn.unlearn``), its before/after table."""
     from raylens import toyworld as tw
-    from raylens import tracking
-    from raylens.config import TOY, recipe, to_flat
-    from raylens.evaluate import EvalError, hf_lm, run_lm_eval, scoring_device
-    from raylens.model import compute_context, load_model
-    from raylens.train import (
-        FolderCheckpoints, evaluate_live, fit_on_ray, save_run, train, validate,
-    )
+    from raylens.config import uses_toyworld
+    from raylens.recipes import recipe
+    from raylens.unlearn import unlearn
 
-    overrides = parse_overrides(args.set)
+    overrides: dict[str, object] = dict(parse_overrides(args.set))
     if args.workers is not None and args.gpus is not None:
         raise ConfigError(f"--gpus={args.gpus} is invalid with --workers={args.workers}: allowed "
                           "one of them (--gpus N runs N workers with one GPU each)")
@@ -179,71 +223,11 @@ def cmd_unlearn(args) -> int:
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out={args.out!r} is invalid: allowed a new or empty folder "
                           "(or --resume to continue the interrupted run in it)")
-    uses_toy = TOY in (config.model.name_or_path, config.lens.name_or_path, config.data.forget,
-                       config.data.retain) or any(t.startswith("toy_") for t in config.eval.tasks)
-    toyworld = tw.load_or_build(_toy_config(args)).root if uses_toy else None
-    validate(config, toyworld)
-    on_ray = config.scaling.num_workers > 1 or config.scaling.use_gpu
-    if on_ray:
-        import ray
-
-        ray.init(ignore_reinit_error=True)  # joins RAY_ADDRESS if set, else a local instance
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if config.scaling.use_gpu and gpus < config.scaling.num_workers:
-            raise ConfigError(f"--gpus={config.scaling.num_workers} is invalid: the Ray cluster "
-                              f"has {gpus:g} GPUs; allowed at most {gpus:g}")
-    print(f"raylens unlearn: recipe {args.recipe}")
-    for key, value in to_flat(config).items():
-        print(f"  {key} = {value}")
-
-    def score(model, tokenizer) -> dict:
-        lm = hf_lm(model.to(scoring_device()), tokenizer, config.eval.batch_size)
-        return run_lm_eval(lm, config.eval.tasks, toyworld=toyworld)
-
-    tracker, run_id = tracking.unlearn_run(config, out) if config.tracking.enabled else (None,
-                                                                                       None)
-    try:
-        before = score(*load_model(config.model, toyworld))
-        start = time.perf_counter()
-        if on_ray:
-            # Ray keeps the checkpoints under out/ray/unlearn; the same call again resumes there
-            report = fit_on_ray(config, out=out, storage_path=(out / "ray").resolve(),
-                                toyworld=toyworld,
-                                mlflow_run=(tracker.uri, run_id) if tracker else None)
-            if report["eval_error"]:
-                raise EvalError(report["eval_error"])
-            folder, num_steps, in_trial = out / "model", report["num_steps"], report["eval"]
-            model, tokenizer = load_model(replace(config.model, name_or_path=str(folder)))
-        else:
-            store = FolderCheckpoints(out / "checkpoints", keep=config.scaling.keep_checkpoints)
-            steps = tracking.StepLogger(tracker.uri, run_id) if tracker else None
-            try:
-                result = train(config, toyworld=toyworld, checkpoints=store, on_step=steps)
-            finally:
-                if steps:
-                    steps.flush()
-            with compute_context(config.model, config.mode.kind, "cpu", sharded=False):
-                in_trial = evaluate_live(result.model, result.tokenizer, config.eval, toyworld)
-            folder, num_steps = save_run(result, config, out), len(result.history)
-            model, tokenizer = result.model, result.tokenizer
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the export supersedes them
-        train_s = time.perf_counter() - start
-        after = score(model, tokenizer)
-        for scores in in_trial.values():
-            scores.pop("predictions")
-        summary = {"before": before, "after": after, "in_trial": in_trial,
-                   "train_s": round(train_s, 1),
-                   "model": str(folder), "workers": config.scaling.num_workers}
-        (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
-        if tracker:
-            tracking.record_unlearn(tracker, run_id, summary, out, config.tracking.max_model_mb)
-    except Exception as exc:  # the run is in MLflow either way, with why it stopped
-        if tracker:
-            tracking.record_failure(tracker, run_id, exc)
-        raise
-    print(f"trained {num_steps} steps on {config.scaling.num_workers} worker(s) in {train_s:.1f} s; "
-          f"model exported to {folder}")
-    print(_results_table(before, after, in_trial))
+    toyworld = tw.load_or_build(_toy_config(args)).root if uses_toyworld(config) else None
+    summary = unlearn(config, out, toyworld=toyworld, header=f"raylens unlearn: recipe {args.recipe}")
+    print(f"trained {summary['num_steps']} steps on {config.scaling.num_workers} worker(s) in "
+          f"{summary['train_s']:.1f} s; model exported to {summary['model']}")
+    print(_results_table(summary["before"], summary["after"], summary["in_trial"]))
     return 0
 
 
@@ -255,7 +239,7 @@ def _tracking_uri(uri: str | None) -> str:
 
 
 def cmd_report(args) -> int:
-    """A sweep's table, in the seed log's shape, from MLflow alone."""
+    """A sweep's table, in the seed runs' shape, from MLflow alone."""
     from mlflow.tracking import MlflowClient
 
     from raylens.tracking import report
@@ -278,12 +262,15 @@ def cmd_ui(args) -> int:
     """The MLflow UI on 127.0.0.1 over the local store (a server's URI is already the UI)."""
     import subprocess
 
+    from raylens.tracking import sqlite_path
+
     uri = _tracking_uri(args.uri)
     if uri.startswith(("http://", "https://")):
         print(f"{uri} is an MLflow server: open it in a browser (on a cluster, through the SSH "
               "tunnel cluster.yaml describes)")
         return 0
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    database = sqlite_path(uri)
+    if database is not None and not database.exists():
         print(f"raylens: error: no MLflow store at {uri}: run a sweep here first or pass --uri",
               file=sys.stderr)
         return 2
@@ -297,6 +284,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_rehearsal_build(args) -> int:
+    """``raylens rehearsal build``: the offline cache of stand-ins for the real hub ids."""
     from raylens import rehearsal
     from raylens import toyworld as tw
 
@@ -327,6 +315,7 @@ def cmd_preflight(args) -> int:
 
 
 def cmd_cluster(args) -> int:
+    """``raylens cluster ...``: the node commands ``cluster.yaml`` runs."""
     from raylens import cluster
 
     if args.cluster_command == "secrets":
@@ -347,39 +336,27 @@ def cmd_cluster(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raylens", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _seed_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=None,
+                   help="toy world seed (default 0, or the seed in $RAYLENS_TOYWORLD)")
 
-    def seed_option(p):
-        p.add_argument("--seed", type=int, default=None,
-                       help="toy world seed (default 0, or the seed in $RAYLENS_TOYWORLD)")
 
+def _set_option(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a setting, e.g. --set {example} (repeatable)")
+
+
+def _add_run_commands(sub) -> None:
+    """``demo``, ``unlearn`` and ``eval``: the commands that train or score."""
     demo = sub.add_parser("demo", help="the main job: a toy-world sweep and its Pareto front")
     demo.add_argument("--name", default=None,
                       help="sweep name (default demo-<time>); an existing name resumes it")
     demo.add_argument("--storage", default=None,
                       help="storage root (default $RAYLENS_STORAGE or raylens-runs)")
     demo.add_argument("--trials", type=int, default=12, help="trial budget (default 12)")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a base setting, e.g. --set data.num_examples=256")
-    seed_option(demo)
+    _set_option(demo, "data.num_examples=256")
+    _seed_option(demo)
     demo.set_defaults(func=cmd_demo)
-
-    toy = sub.add_parser("toyworld", help="the embedded toy world")
-    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
-    build = toy_sub.add_parser("build", help="build or load from cache, print the baseline table")
-    seed_option(build)
-    build.set_defaults(func=cmd_toyworld_build)
-
-    reh = sub.add_parser("rehearsal", help="an offline cache of stand-ins for the real hub ids")
-    reh_sub = reh.add_subparsers(dest="rehearsal_command", required=True)
-    reh_build = reh_sub.add_parser(
-        "build", help="write it into FOLDER (use as HF_HOME): the model, lens, corpora and "
-                      "evaluation datasets the real sweeps name, real schema, toy content")
-    reh_build.add_argument("folder", help="new or empty folder")
-    seed_option(reh_build)
-    reh_build.set_defaults(func=cmd_rehearsal_build)
 
     ev = sub.add_parser("eval", help="score a model with lm-eval (0-shot)")
     ev.add_argument("--model", default="toy", help="'toy', 'toy-control' or a model folder")
@@ -397,13 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--time-limit", type=float, default=1800.0,
                     help="seconds before the evaluation fails (default 1800)")
     ev.add_argument("--json", action="store_true", help="print results as JSON")
-    seed_option(ev)
+    _seed_option(ev)
     ev.set_defaults(func=cmd_eval)
 
     un = sub.add_parser("unlearn", help="one unlearning run with eval before and after")
     un.add_argument("--recipe", required=True, help="lora_adamw, sft_adamw or sft_muon")
-    un.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a setting, e.g. --set loss.retain_coef=5 (repeatable)")
+    _set_option(un, "loss.retain_coef=5")
     un.add_argument("--out", required=True, help="new folder for the model, config and results")
     un.add_argument("--workers", type=int, default=None,
                     help="Ray Train workers on CPU: LoRA under DDP, full fine-tuning under FSDP2")
@@ -411,8 +387,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Ray Train workers with one GPU each (NCCL) on the Ray cluster")
     un.add_argument("--resume", action="store_true",
                     help="continue the interrupted run in --out from its last checkpoint")
-    seed_option(un)
+    _seed_option(un)
     un.set_defaults(func=cmd_unlearn)
+
+
+def _add_tool_commands(sub) -> None:
+    """The toy world, the rehearsal cache, reports, sweep-file checks, cluster nodes, the UI."""
+    toy = sub.add_parser("toyworld", help="the embedded toy world")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    build = toy_sub.add_parser("build", help="build or load from cache, print the baseline table")
+    _seed_option(build)
+    build.set_defaults(func=cmd_toyworld_build)
+
+    reh = sub.add_parser("rehearsal", help="an offline cache of stand-ins for the real hub ids")
+    reh_sub = reh.add_subparsers(dest="rehearsal_command", required=True)
+    reh_build = reh_sub.add_parser(
+        "build", help="write it into FOLDER (use as HF_HOME): the model, lens, corpora and "
+                      "evaluation datasets the real sweeps name, real schema, toy content")
+    reh_build.add_argument("folder", help="new or empty folder")
+    _seed_option(reh_build)
+    reh_build.set_defaults(func=cmd_rehearsal_build)
 
     rep = sub.add_parser("report", help="a sweep's results table from MLflow (seed-log shape)")
     rep.add_argument("experiment", help="MLflow experiment: the sweep's name")
@@ -432,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
         pre.add_argument("sweep_file", help="a sweeps/*.py file")
         add_sweep_options(pre)
         pre.set_defaults(func=cmd_preflight)
+    sw = sub.add_parser("sweep", help="run a sweep file (as `python FILE` does)")
+    sw.add_argument("sweep_file", help="a sweeps/*.py file")
+    add_sweep_options(sw)
+    sw.set_defaults(func=cmd_sweep)
 
     cl = sub.add_parser("cluster", help="what cluster.yaml runs on the nodes (see README)")
     cl_sub = cl.add_subparsers(dest="cluster_command", required=True)
@@ -447,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--uri", default=None, help="tracking URI (default as for report)")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``raylens`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="raylens", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_tool_commands(sub)
     return parser
 
 
@@ -463,6 +469,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``raylens`` command; bad input is one line naming the field, exit 2."""
     args = build_parser().parse_args(argv)
     if args.command != "cluster":  # cluster.yaml's node commands import none of these libraries
         _quiet_libraries()

@@ -64,10 +64,12 @@ class Node:
 
     @property
     def dir(self) -> Path:
+        """This node's private raylens folder."""
         return self.home / ".raylens"
 
     @property
     def is_head(self) -> bool:
+        """Whether this node is the head."""
         return self.node_ip == self.head_ip
 
     @property
@@ -78,6 +80,7 @@ class Node:
 
     @property
     def db_port(self) -> int:
+        """The head's PostgreSQL port."""
         return int(os.environ.get("RAYLENS_DB_PORT", "5432"))
 
     def db_url(self, database: str) -> str:
@@ -125,6 +128,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def write_env_file(path: Path, values: dict[str, str], header: str) -> None:
+    """Write ``values`` as a shell-quoted env file readable by its owner only."""
     lines = [f"# {header}"] + [f"{k}={shlex.quote(str(v))}" for k, v in values.items()]
     _write_private(path, "\n".join(lines) + "\n")
 
@@ -144,6 +148,7 @@ def make_secrets(path: Path, *, user: str = "raylens") -> Path:
 
 
 def load_secrets(node: Node) -> dict[str, str]:
+    """The cluster's credentials from this node's ``cluster.env``."""
     path = node.dir / "cluster.env"
     if not path.exists():
         raise ClusterError(f"{path} is missing: run `raylens cluster secrets` where you run "
@@ -374,8 +379,9 @@ def start_services(node: Node, *, timeout: float = 180.0) -> dict[str, int]:
     optuna.storages.RDBStorage(node.db_url("optuna"))  # the schema: the dashboard expects it
     dash_log = node.dir / "optuna-dashboard.log"
     pids["optuna-dashboard"] = _start_detached(
-        [sys.executable, "-c", _RUN_ENTRY_POINT, "optuna-dashboard", node.db_url("optuna"), "--host", "127.0.0.1",
-         "--port", str(DASHBOARD_PORT)], dash_log, node.dir / "optuna-dashboard.pid", env)
+        [sys.executable, "-c", _RUN_ENTRY_POINT, "optuna-dashboard", node.db_url("optuna"),
+         "--host", "127.0.0.1", "--port", str(DASHBOARD_PORT)],
+        dash_log, node.dir / "optuna-dashboard.pid", env)
     _wait_http(f"http://127.0.0.1:{DASHBOARD_PORT}/", timeout, "the Optuna dashboard", dash_log)
     return pids
 

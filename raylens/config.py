@@ -14,7 +14,7 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 TOY = "toy"
 """Source name meaning "the embedded toy world" for models, lenses and corpora."""
@@ -56,6 +56,133 @@ def _check_text(section: str, name: str, value: Any) -> None:
         _fail(section, name, value, "a non-empty string")
 
 
+def _check_integer(section: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(section, name, value, "an integer")
+
+
+def _check_count(section: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        _fail(section, name, value, "an integer >= 0")
+
+
+def _check_below_one(section: str, name: str, value: Any) -> None:
+    _check_fraction(section, name, value)
+    if value == 1:
+        _fail(section, name, value, "a number in [0, 1)")
+
+
+def _check_bool(section: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(section, name, value, "true or false")
+
+
+def _positive_int(section: str, name: str, value: Any) -> None:
+    _check_positive(section, name, value, integer=True)
+
+
+def _open_fraction(section: str, name: str, value: Any) -> None:
+    _check_fraction(section, name, value, closed_low=False)
+
+
+def _check_names(section: str, name: str, value: Any) -> None:
+    if not value or not all(isinstance(f, str) and f for f in value):
+        _fail(section, name, value, "a non-empty list of column names")
+
+
+def _check_layers(section: str, name: str, layers: Any) -> None:
+    if (not isinstance(layers, tuple) or not layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+            or len(set(layers)) != len(layers)):
+        _fail(section, name, layers, "None or distinct non-negative layer indices")
+
+
+def _check_betas(section: str, name: str, betas: Any) -> None:
+    if not (isinstance(betas, tuple) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+            for b in betas)):
+        _fail(section, name, betas, "two numbers in [0, 1), e.g. [0.9, 0.95]")
+
+
+def _check_modules(section: str, name: str, mods: Any) -> None:
+    if not isinstance(mods, tuple) or not mods or not all(isinstance(m, str) and m for m in mods):
+        _fail(section, name, mods, "None or a non-empty list of module names")
+
+
+def _check_tasks(section: str, name: str, tasks: Any) -> None:
+    if not isinstance(tasks, tuple) or not tasks:
+        _fail(section, name, tasks, "a non-empty list from " + ", ".join(EVAL_TASKS))
+    for task in tasks:
+        if task not in EVAL_TASKS:
+            _fail(section, name, tasks, "tasks from " + ", ".join(EVAL_TASKS))
+
+
+def _check_subset(section: str, name: str, subset: Any) -> None:
+    ok = isinstance(subset, (int, float)) and not isinstance(subset, bool)
+    if not (ok and 0 < subset <= 1):
+        _fail(section, name, subset, "a fraction in (0, 1] or null (all questions)")
+
+
+def _check_tracking_uri(section: str, name: str, uri: Any) -> None:
+    _check_text(section, name, uri)
+    if url_password(uri):
+        raise ConfigError(
+            f"{section}.{name} carries a password, which would be logged with every run: use "
+            f"{redact_url(uri)} with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in "
+            "the environment")
+
+
+def _check_entities(section: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or not 8 <= value <= 400:
+        _fail(section, name, value, "an integer in [8, 400]")
+
+
+def _f(default: Any, check, **kwargs) -> Any:
+    """A field with its check: ``check(section, name, value)`` raises ``ConfigError``."""
+    return field(default=default, metadata={"check": check}, **kwargs)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+"""Each config class's resolved annotations, read once."""
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+class _Checked:
+    """Validation declared with the fields: a ``Literal`` annotation allows its choices, ``bool``
+    true or false, ``int`` an integer, and a field's ``check`` (``_f``) anything more; a value
+    of None passes where the annotation allows it. ``_cross_checks`` holds the rules between
+    fields, run after them."""
+
+    _section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
+            value, hint = getattr(self, f.name), hints[f.name]
+            args = typing.get_args(hint)
+            if value is None and type(None) in args:
+                continue
+            if type(None) in args:
+                hint = next(a for a in args if a is not type(None))
+            if typing.get_origin(hint) is typing.Literal:
+                _check_choice(self._section, f.name, value, typing.get_args(hint))
+            elif hint is bool:
+                _check_bool(self._section, f.name, value)
+            elif hint is int and "check" not in f.metadata:
+                _check_integer(self._section, f.name, value)
+            if f.metadata.get("check"):
+                f.metadata["check"](self._section, f.name, value)
+        self._cross_checks()
+
+    def _cross_checks(self) -> None:
+        """Rules between fields (none here)."""
+
+
 SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 """Sweep names: they become folder names, an MLflow experiment and an Optuna study."""
 
@@ -82,15 +209,15 @@ def redact_url(url: str) -> str:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Checked):
     """The model to unlearn."""
 
     _section: ClassVar[str] = "model"
-    name_or_path: str = TOY
+    name_or_path: str = _f(TOY, _check_text)
     """Hub id (``EleutherAI/deep-ignorance-unfiltered``), local folder, or ``toy``."""
     revision: str | None = None
     """Hub revision; ignored for folders and the toy world."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype: float32, bfloat16 or float16. Full fine-tuning trains fp32 master
     weights and optimizer state and computes in this dtype (FSDP2 mixed precision, or autocast
     in one process), its frozen reference held in it; LoRA holds the frozen base in it and the
@@ -98,236 +225,162 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 
-    def __post_init__(self) -> None:
-        _check_text(self._section, "name_or_path", self.name_or_path)
-        _check_choice(self._section, "dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 
 @dataclass(frozen=True)
-class LensConfig:
+class LensConfig(_Checked):
     """The frozen tuned lens whose predictions are unlearned."""
 
     _section: ClassVar[str] = "lens"
-    name_or_path: str = TOY
+    name_or_path: str = _f(TOY, _check_text)
     """Hub id (``EleutherAI/deep-ignorance-unfiltered-lens``), local folder, or ``toy``."""
     revision: str | None = None
     """Hub revision; ignored for folders and the toy world."""
 
-    def __post_init__(self) -> None:
-        _check_text(self._section, "name_or_path", self.name_or_path)
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Checked):
     """Forget and retain corpora: hub datasets, local JSONL files with a ``text`` field, or ``toy``."""
 
     _section: ClassVar[str] = "data"
-    forget: str = TOY
+    forget: str = _f(TOY, _check_text)
     """Forget corpus: ``Unlearning/WMDP-Bio-Remove-Dataset``, a JSONL path, or ``toy``."""
-    forget_fields: tuple[str, ...] = ("title", "abstract", "text")
+    forget_fields: tuple[str, ...] = _f(("title", "abstract", "text"), _check_names)
     """Hub forget columns joined by blank lines into one document (JSONL uses ``text``)."""
-    retain: str = TOY
+    retain: str = _f(TOY, _check_text)
     """Retain corpus: ``EleutherAI/wikitext_document_level``, a JSONL path, or ``toy``."""
     retain_subset: str | None = "wikitext-103-raw-v1"
     """Hub dataset configuration of the retain corpus."""
-    retain_field: str = "page"
+    retain_field: str = _f("page", _check_text)
     """Hub retain column (JSONL uses ``text``)."""
     retain_shuffle_seed: int = 42
     """A hub retain corpus is shuffled with ``datasets.Dataset.shuffle(seed=...)`` (the seed's
     order) before the first examples are taken; JSONL files are read in order."""
-    num_examples: int = 1024
+    num_examples: int = _f(1024, _positive_int)
     """Forget/retain pairs used for training (forget i is paired with retain i)."""
-    max_length: int = 2048
+    max_length: int = _f(2048, _positive_int)
     """Documents are truncated to this many tokens."""
 
-    def __post_init__(self) -> None:
-        s = self._section
-        _check_text(s, "forget", self.forget)
-        _check_text(s, "retain", self.retain)
-        if not self.forget_fields or not all(isinstance(f, str) and f for f in self.forget_fields):
-            _fail(s, "forget_fields", self.forget_fields, "a non-empty list of column names")
-        _check_text(s, "retain_field", self.retain_field)
-        if isinstance(self.retain_shuffle_seed, bool) or not isinstance(self.retain_shuffle_seed, int):
-            _fail(s, "retain_shuffle_seed", self.retain_shuffle_seed, "an integer")
-        _check_positive(s, "num_examples", self.num_examples, integer=True)
-        _check_positive(s, "max_length", self.max_length, integer=True)
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Checked):
     """The unlearning objective and its schedules."""
 
     _section: ClassVar[str] = "loss"
-    target_layers: tuple[int, ...] | None = None
+    target_layers: tuple[int, ...] | None = _f(None, _check_layers)
     """Layers whose lens predictions are unlearned; None = every n_layers//6-th layer (5..30 of 32)."""
-    retain_coef: float = 5.0
+    retain_coef: float = _f(5.0, _check_nonneg)
     """Final weight of the retain loss."""
-    remove_coef: float = 5.0
+    remove_coef: float = _f(5.0, _check_nonneg)
     """Initial weight of the forget loss (it decays to 0.75x)."""
-    retain_start: float = 0.25
+    retain_start: float = _f(0.25, _check_fraction)
     """Retain weight at step 0 as a fraction of ``retain_coef`` (r0)."""
-    ramp_fraction: float = 1.0
+    ramp_fraction: float = _f(1.0, _open_fraction)
     """Schedules ramp over this fraction of the optimizer steps (T_ramp / T)."""
-    retain_loss: str = "l2"
+    retain_loss: Literal["l2", "kl"] = "l2"
     """``l2``: hidden-state distance to the reference; ``kl``: per-token output KL."""
-    retain_layers: str = "target"
+    retain_layers: Literal["target", "all"] = "target"
     """Hidden states the ``l2`` retain loss compares: ``target`` (the target layers) or ``all``
     (every hidden state the model returns, embeddings and final normed state included: the
     seed's LoRA runs)."""
-    retain_reduction: str = "token"
+    retain_reduction: Literal["token", "sequence", "padded_position"] = "token"
     """What the summed retain loss is divided by, over the whole global batch: ``token`` (real
     tokens: the mean per token, whatever the padding and document lengths), ``sequence``
     (sequences: a sum per sequence, the seed's KL ``batchmean``) or ``padded_position``
     (sequences x ``data.max_length``: pads counted as zeros, the seed's LoRA ``nanmean``)."""
 
-    def __post_init__(self) -> None:
-        s = self._section
-        if self.target_layers is not None:
-            layers = self.target_layers
-            if (
-                not isinstance(layers, tuple)
-                or not layers
-                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
-                or len(set(layers)) != len(layers)
-            ):
-                _fail(s, "target_layers", layers, "None or distinct non-negative layer indices")
-        _check_nonneg(s, "retain_coef", self.retain_coef)
-        _check_nonneg(s, "remove_coef", self.remove_coef)
+    def _cross_checks(self) -> None:
         if self.retain_coef == 0 and self.remove_coef == 0:
-            _fail(s, "remove_coef", self.remove_coef, "a positive value when retain_coef is 0")
-        _check_fraction(s, "retain_start", self.retain_start)
-        _check_fraction(s, "ramp_fraction", self.ramp_fraction, closed_low=False)
-        _check_choice(s, "retain_loss", self.retain_loss, ("l2", "kl"))
-        _check_choice(s, "retain_layers", self.retain_layers, ("target", "all"))
-        _check_choice(s, "retain_reduction", self.retain_reduction,
-                      ("token", "sequence", "padded_position"))
+            _fail(self._section, "remove_coef", self.remove_coef,
+                  "a positive value when retain_coef is 0")
         if self.retain_loss == "kl" and self.retain_layers != "target":
-            _fail(s, "retain_layers", self.retain_layers, "'target' with retain_loss='kl' "
-                  "(the KL compares output distributions, not hidden states)")
+            _fail(self._section, "retain_layers", self.retain_layers, "'target' with "
+                  "retain_loss='kl' (the KL compares output distributions, not hidden states)")
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Checked):
     """Optimizer and learning-rate schedule."""
 
     _section: ClassVar[str] = "optim"
-    name: str = "adamw"
+    name: Literal["adamw", "muon"] = "adamw"
     """``adamw`` for all parameters, or ``muon`` (Muon for 2-D hidden matrices, AdamW for the rest)."""
-    lr: float = 1e-3
+    lr: float = _f(1e-3, _check_positive)
     """AdamW learning rate (used when ``name`` is adamw)."""
-    muon_lr: float = 0.02
+    muon_lr: float = _f(0.02, _check_positive)
     """Muon learning rate for the 2-D hidden matrices."""
-    adam_lr: float = 3e-4
+    adam_lr: float = _f(3e-4, _check_positive)
     """AdamW learning rate for embeddings, unembedding, norms and biases under Muon."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = _f((0.9, 0.999), _check_betas)
     """AdamW's (beta1, beta2); the seed's Muon runs used (0.9, 0.95) for their AdamW half."""
-    muon_adjust_lr: str = "original"
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
     """How Muon scales ``muon_lr`` per matrix (``torch.optim.Muon``'s ``adjust_lr_fn``):
     ``original`` multiplies by sqrt(max(1, rows/cols)); ``match_rms_adamw`` by
     0.2 * sqrt(max(rows, cols)), giving updates the RMS of AdamW's, so ``muon_lr`` is on AdamW's
     scale (the seed's convention: on GPT-NeoX-6.9B its step is 12.8-25.6x the original's)."""
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = _f(0.0, _check_below_one)
     """Fraction of steps of linear warmup before the linear decay to 0."""
-    weight_decay: float = 0.01
+    weight_decay: float = _f(0.01, _check_nonneg)
     """Decoupled weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: float = _f(1.0, _check_positive)
     """Global gradient-norm clip."""
 
-    def __post_init__(self) -> None:
-        s = self._section
-        _check_choice(s, "name", self.name, ("adamw", "muon"))
-        for name in ("lr", "muon_lr", "adam_lr", "grad_clip"):
-            _check_positive(s, name, getattr(self, name))
-        betas = self.adam_betas
-        if not (isinstance(betas, tuple) and len(betas) == 2 and all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                for b in betas)):
-            _fail(s, "adam_betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.95]")
-        _check_choice(s, "muon_adjust_lr", self.muon_adjust_lr, ("original", "match_rms_adamw"))
-        _check_fraction(s, "warmup_ratio", self.warmup_ratio)
-        if self.warmup_ratio == 1:
-            _fail(s, "warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
-        _check_nonneg(s, "weight_decay", self.weight_decay)
 
 
 @dataclass(frozen=True)
-class ModeConfig:
+class ModeConfig(_Checked):
     """What is trained: a LoRA adapter or all weights."""
 
     _section: ClassVar[str] = "mode"
-    kind: str = "lora"
+    kind: Literal["lora", "full"] = "lora"
     """``lora`` (reference = adapter disabled) or ``full`` (reference = frozen copy in
     ``model.dtype``; fp32 master weights)."""
-    lora_rank: int = 16
+    lora_rank: int = _f(16, _positive_int)
     """LoRA rank r."""
-    lora_alpha: float = 16.0
+    lora_alpha: float = _f(16.0, _check_positive)
     """LoRA scaling alpha."""
-    lora_dropout: float = 0.05
+    lora_dropout: float = _f(0.05, _check_below_one)
     """Dropout on the LoRA input."""
-    lora_target_modules: tuple[str, ...] | None = None
+    lora_target_modules: tuple[str, ...] | None = _f(None, _check_modules)
     """Module names to adapt; None = PEFT's default for the architecture."""
 
-    def __post_init__(self) -> None:
-        s = self._section
-        _check_choice(s, "kind", self.kind, ("lora", "full"))
-        _check_positive(s, "lora_rank", self.lora_rank, integer=True)
-        _check_positive(s, "lora_alpha", self.lora_alpha)
-        _check_fraction(s, "lora_dropout", self.lora_dropout)
-        if self.lora_dropout == 1:
-            _fail(s, "lora_dropout", self.lora_dropout, "a number in [0, 1)")
-        mods = self.lora_target_modules
-        if mods is not None and (
-            not isinstance(mods, tuple) or not mods or not all(isinstance(m, str) and m for m in mods)
-        ):
-            _fail(s, "lora_target_modules", mods, "None or a non-empty list of module names")
 
 
 @dataclass(frozen=True)
-class BatchConfig:
+class BatchConfig(_Checked):
     """Batching: global batch = per-device batch x workers x accumulation steps."""
 
     _section: ClassVar[str] = "batch"
-    global_batch: int = 32
+    global_batch: int = _f(32, _positive_int)
     """Sequences per optimizer step, summed over workers and accumulation."""
-    per_device_batch: int = 8
+    per_device_batch: int = _f(8, _positive_int)
     """Sequences per forward pass on one worker."""
-    epochs: int = 1
+    epochs: int = _f(1, _positive_int)
     """Passes over the forget/retain pairs."""
 
-    def __post_init__(self) -> None:
-        for name in ("global_batch", "per_device_batch", "epochs"):
-            _check_positive(self._section, name, getattr(self, name), integer=True)
 
 
 @dataclass(frozen=True)
-class ScalingConfig:
+class ScalingConfig(_Checked):
     """Ray Train workers of one trial."""
 
     _section: ClassVar[str] = "scaling"
-    num_workers: int = 1
+    num_workers: int = _f(1, _positive_int)
     """Training processes (one per GPU on a cluster)."""
     use_gpu: bool = False
     """Give each worker a GPU and use NCCL; otherwise CPU with gloo."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = _f(50, _check_count)
     """Optimizer steps between sharded checkpoints (weights, optimizer, schedule, step, RNG);
     0 writes none. A restarted worker group or a rerun with ``--resume`` continues from the
     last one."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = _f(2, _positive_int)
     """Checkpoints kept on storage (the newest)."""
-    max_failures: int = 2
+    max_failures: int = _f(2, _check_count)
     """Worker-group failures Ray Train recovers from (from the last checkpoint) before the
     run fails."""
 
-    def __post_init__(self) -> None:
-        s = self._section
-        _check_positive(s, "num_workers", self.num_workers, integer=True)
-        if not isinstance(self.use_gpu, bool):
-            _fail(s, "use_gpu", self.use_gpu, "true or false")
-        for name in ("checkpoint_every", "max_failures"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                _fail(s, name, value, "an integer >= 0")
-        _check_positive(s, "keep_checkpoints", self.keep_checkpoints, integer=True)
 
 
 EVAL_TASKS = ("toy_wmdp", "toy_mmlu", "wmdp_bio_robust", "wmdp_bio", "mmlu", "mmlu_stem")
@@ -336,110 +389,49 @@ EVAL_TASKS = ("toy_wmdp", "toy_mmlu", "wmdp_bio_robust", "wmdp_bio", "mmlu", "mm
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Checked):
     """Evaluation after (and during) unlearning; always 0-shot."""
 
     _section: ClassVar[str] = "eval"
-    tasks: tuple[str, ...] = ("toy_wmdp", "toy_mmlu")
+    tasks: tuple[str, ...] = _f(("toy_wmdp", "toy_mmlu"), _check_tasks)
     """Tasks to score, from ``EVAL_TASKS``."""
-    batch_size: int = 32
+    batch_size: int = _f(32, _positive_int)
     """Questions per forward pass."""
-    time_limit_s: float = 1800.0
+    time_limit_s: float = _f(1800.0, _check_positive)
     """An evaluation running longer than this fails with an error naming the task (checked
     between batches)."""
-    subset: float | None = None
+    subset: float | None = _f(None, _check_subset)
     """Score a fixed, seeded, stratified fraction of each task's questions (during search);
     None scores all of them (final numbers)."""
     subset_seed: int = 0
     """Seed of the subset: the same seed gives the same questions in every trial."""
-    data_dir: str | None = None
+    data_dir: str | None = _f(None, _check_text)
     """Folder of local dataset snapshots, ``<data_dir>/<hub id>`` (offline clusters); None uses
     the hub or its cache."""
 
-    def __post_init__(self) -> None:
-        s = self._section
-        if not isinstance(self.tasks, tuple) or not self.tasks:
-            _fail(s, "tasks", self.tasks, "a non-empty list from " + ", ".join(EVAL_TASKS))
-        for task in self.tasks:
-            if task not in EVAL_TASKS:
-                _fail(s, "tasks", self.tasks, "tasks from " + ", ".join(EVAL_TASKS))
-        _check_positive(s, "batch_size", self.batch_size, integer=True)
-        _check_positive(s, "time_limit_s", self.time_limit_s)
-        if self.subset is not None:
-            ok = isinstance(self.subset, (int, float)) and not isinstance(self.subset, bool)
-            if not (ok and 0 < self.subset <= 1):
-                _fail(s, "subset", self.subset, "a fraction in (0, 1] or null (all questions)")
-        if isinstance(self.subset_seed, bool) or not isinstance(self.subset_seed, int):
-            _fail(s, "subset_seed", self.subset_seed, "an integer")
-        if self.data_dir is not None:
-            _check_text(s, "data_dir", self.data_dir)
 
 
 @dataclass(frozen=True)
-class AttackConfig:
-    """Fine-tuning attack on the unlearned model (tamper resistance)."""
-
-    _section: ClassVar[str] = "attack"
-    enabled: bool = False
-    """Run the attack after unlearning. Not implemented yet: ``true`` is refused."""
-    num_examples: int = 512
-    """Forget-domain documents used by the attacker."""
-    lr: float = 2e-5
-    """Attacker learning rate."""
-    global_batch: int = 16
-    """Attacker sequences per optimizer step."""
-    epochs: int = 1
-    """Attacker passes over its examples."""
-    eval_every: int = 10
-    """Evaluate WMDP every this many attacker steps."""
-
-    def __post_init__(self) -> None:
-        s = self._section
-        if not isinstance(self.enabled, bool):
-            _fail(s, "enabled", self.enabled, "true or false")
-        if self.enabled:  # refused rather than silently ignored
-            _fail(s, "enabled", self.enabled, "false: this version runs no fine-tuning attack "
-                  "yet (the attack.* settings are reserved for it)")
-        for name in ("num_examples", "global_batch", "epochs", "eval_every"):
-            _check_positive(s, name, getattr(self, name), integer=True)
-        _check_positive(s, "lr", self.lr)
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(_Checked):
     """Where runs are recorded in MLflow, and how much of each run is copied there."""
 
     _section: ClassVar[str] = "tracking"
     enabled: bool = True
     """Record runs in MLflow (sweeps: a parent run and one nested run per trial)."""
-    tracking_uri: str | None = None
+    tracking_uri: str | None = _f(None, _check_tracking_uri)
     """MLflow tracking URI; None: ``$MLFLOW_TRACKING_URI`` if set (``cluster.yaml`` points it at
     the head node's MLflow server), else ``sqlite:///raylens-mlflow.db`` in the working
     directory."""
-    artifact_location: str = "raylens-artifacts"
+    artifact_location: str = _f("raylens-artifacts", _check_text)
     """Folder for the artifacts of experiments created in a local (sqlite or file) store; a
     server stores them where it was told (``--artifacts-destination``)."""
-    experiment: str = "raylens"
+    experiment: str = _f("raylens", _check_text)
     """MLflow experiment of single runs; a sweep's experiment is the sweep's name."""
-    max_model_mb: float = 512.0
+    max_model_mb: float = _f(512.0, _check_nonneg)
     """An exported model or adapter up to this size is copied into the run's artifacts; a larger
     one is recorded by path (tag ``model_path``), since checkpoints of 7B models do not belong in
     a tracking store."""
 
-    def __post_init__(self) -> None:
-        s = self._section
-        if not isinstance(self.enabled, bool):
-            _fail(s, "enabled", self.enabled, "true or false")
-        if self.tracking_uri is not None:
-            _check_text(s, "tracking_uri", self.tracking_uri)
-            if url_password(self.tracking_uri):
-                raise ConfigError(
-                    f"tracking.tracking_uri carries a password, which would be logged with "
-                    f"every run: use {redact_url(self.tracking_uri)} with "
-                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment")
-        for name in ("artifact_location", "experiment"):
-            _check_text(s, name, getattr(self, name))
-        _check_nonneg(s, "max_model_mb", self.max_model_mb)
 
 
 @dataclass(frozen=True)
@@ -456,7 +448,6 @@ class UnlearnConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     """Seed of model init, data order and the forget loss's random targets."""
@@ -489,47 +480,39 @@ class UnlearnConfig:
 
 
 @dataclass(frozen=True)
-class ToyWorldConfig:
+class ToyWorldConfig(_Checked):
     """The embedded toy world: synthetic facts, a tiny GPT-NeoX, a control model and a lens."""
 
     _section: ClassVar[str] = "toyworld"
     seed: int = 0
     """Seed of every random choice: same seed, byte-identical data and the same models."""
-    num_entities: int = 48
+    num_entities: int = _f(48, _check_entities)
     """Entities per domain; each has 4 facts, so each eval set has 4x this many questions."""
-    num_docs: int = 1024
+    num_docs: int = _f(1024, _positive_int)
     """Documents per domain (forget corpus = hazard, retain corpus = general)."""
-    hidden_size: int = 96
+    hidden_size: int = _f(96, _positive_int)
     """Width of the tiny GPT-NeoX."""
-    num_layers: int = 6
+    num_layers: int = _f(6, _positive_int)
     """Blocks of the tiny GPT-NeoX."""
-    num_heads: int = 4
+    num_heads: int = _f(4, _positive_int)
     """Attention heads."""
-    train_steps: int = 600
+    train_steps: int = _f(600, _positive_int)
     """Optimizer steps of pretraining (the control model gets the same)."""
-    train_batch: int = 32
+    train_batch: int = _f(32, _positive_int)
     """Documents per pretraining step."""
-    lr: float = 3e-3
+    lr: float = _f(3e-3, _check_positive)
     """Peak pretraining learning rate."""
-    lens_steps: int = 300
+    lens_steps: int = _f(300, _positive_int)
     """Optimizer steps of tuned-lens training."""
-    build_threads: int = 2
+    build_threads: int = _f(2, _positive_int)
     """CPU threads torch uses while building (pretraining, lens, baseline), whatever the machine
     has: the thread count sets the reduction order, so pinning it makes a 2-core laptop and a
     64-core node build the same world (same CPU kind and torch build). Part of the content key."""
 
-    def __post_init__(self) -> None:
-        s = self._section
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            _fail(s, "seed", self.seed, "an integer")
-        if not isinstance(self.num_entities, int) or not 8 <= self.num_entities <= 400:
-            _fail(s, "num_entities", self.num_entities, "an integer in [8, 400]")
-        for name in ("num_docs", "hidden_size", "num_layers", "num_heads", "train_steps",
-                     "train_batch", "lens_steps", "build_threads"):
-            _check_positive(s, name, getattr(self, name), integer=True)
+    def _cross_checks(self) -> None:
         if self.hidden_size % self.num_heads:
-            _fail(s, "hidden_size", self.hidden_size, f"a multiple of num_heads={self.num_heads}")
-        _check_positive(s, "lr", self.lr)
+            _fail(self._section, "hidden_size", self.hidden_size,
+                  f"a multiple of num_heads={self.num_heads}")
 
 
 # ---- flat dicts -------------------------------------------------------------------------------
@@ -567,7 +550,7 @@ def _build(cls: type, flat: dict[str, Any], prefix: str) -> Any:
         key = prefix + f.name
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _build(hint, flat, key + ".")
+            kwargs[f.name] = _build(hint, flat, key + ".")  # type: ignore[arg-type]  # a class
         elif key in flat:
             kwargs[f.name] = _coerce(key, flat[key], hint)
     return cls(**kwargs)
@@ -636,62 +619,18 @@ def replace(config: Any, overrides: dict[str, Any]) -> Any:
 
 
 __all__ = [
-    "TOY", "EVAL_TASKS", "ConfigError", "ModelConfig", "LensConfig", "DataConfig", "LossConfig", "OptimConfig",
-    "ModeConfig", "BatchConfig", "ScalingConfig", "EvalConfig", "AttackConfig", "TrackingConfig",
+    "TOY", "EVAL_TASKS", "ConfigError", "ModelConfig", "LensConfig", "DataConfig", "LossConfig",
+    "OptimConfig",
+    "ModeConfig", "BatchConfig", "ScalingConfig", "EvalConfig", "TrackingConfig",
     "UnlearnConfig", "ToyWorldConfig", "SweepConfig", "to_flat", "from_flat", "replace",
-    "parse_overrides", "replace_sweep", "RECIPES", "SEED_SETUP",
-    "ALL_LINEAR_NEOX", "recipe",
+    "parse_overrides", "replace_sweep", "uses_toyworld",
 ]
 
 
-ALL_LINEAR_NEOX = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-
-RECIPES: dict[str, dict[str, Any]] = {
-    # The seed's best run (LoRA rank 16, alpha 16, retain 5, remove 5, global batch 32, AdamW),
-    # scaled to the toy world: lr 2e-2 (seed 1e-3), 16 passes over the 1,024 toy documents
-    # (512 steps; seed: 8,192 examples, 256 steps) and LoRA on every linear layer (seed: PEFT's
-    # default, query_key_value only, which leaves toy_wmdp at ~0.8 on the toy model). At lr 1e-2
-    # toy_wmdp ended at 0.27-0.33 on the two seed-0 builds (README, "Figures and machines"), too
-    # close to the 0.35 acceptance bound; 2e-2 ends at 0.28 on both (0.34 on seed 1).
-    "lora_adamw": {"mode.kind": "lora", "optim.name": "adamw", "optim.lr": 2e-2,
-                   "loss.retain_coef": 5.0, "loss.remove_coef": 5.0, "batch.epochs": 16,
-                   "batch.per_device_batch": 32, "mode.lora_target_modules": ALL_LINEAR_NEOX},
-    # Full fine-tuning with AdamW and warmup 0.5 as in the seed's later runs; on the toy model the
-    # retain/remove balance sits near retain 0.05 (retain 0 collapses, retain 0.5 barely unlearns).
-    "sft_adamw": {"mode.kind": "full", "optim.name": "adamw", "optim.lr": 3e-3,
-                  "optim.warmup_ratio": 0.5, "loss.retain_coef": 0.05, "loss.remove_coef": 5.0,
-                  "batch.epochs": 2},
-    # Full fine-tuning with Muon for the hidden matrices and the seed's optimizer: Muon's lr on
-    # AdamW's scale (match_rms_adamw) and AdamW betas (0.9, 0.95). muon_lr 0.01 on the toy
-    # model's 96-wide matrices is the step torch's original scaling took at 0.02 (x1.96; x3.9
-    # for dense_4h_to_h).
-    "sft_muon": {"mode.kind": "full", "optim.name": "muon", "optim.muon_lr": 0.01,
-                 "optim.muon_adjust_lr": "match_rms_adamw", "optim.adam_betas": (0.9, 0.95),
-                 "optim.adam_lr": 3e-4, "loss.retain_coef": 0.05, "loss.remove_coef": 5.0,
-                 "batch.epochs": 2},
-}
-"""Base settings of the seed log's recipes, as flat overrides of ``UnlearnConfig``."""
-
-
-SEED_SETUP: dict[str, Any] = {
-    "model.name_or_path": "EleutherAI/deep-ignorance-unfiltered", "model.dtype": "bfloat16",
-    "model.gradient_checkpointing": True,
-    "lens.name_or_path": "EleutherAI/deep-ignorance-unfiltered-lens",
-    "data.forget": "Unlearning/WMDP-Bio-Remove-Dataset",
-    "data.retain": "EleutherAI/wikitext_document_level",
-    "loss.target_layers": (5, 10, 15, 20, 25, 30), "batch.global_batch": 32, "batch.epochs": 1,
-    "scaling.use_gpu": True, "eval.tasks": ("wmdp_bio_robust", "mmlu"), "eval.subset": 0.25,
-}
-"""The seed log's real setting, shared by every recipe: model, lens, corpora, target layers,
-global batch, GPUs, and WMDP-Bio-Robust + MMLU on a 0.25 subset during search. The sweep files
-add each recipe's examples, coefficients, learning rates and workers."""
-
-
-def recipe(name: str, overrides: dict[str, Any] | None = None) -> UnlearnConfig:
-    """The ``UnlearnConfig`` of recipe ``name`` with dotted-key ``overrides`` applied."""
-    if name not in RECIPES:
-        raise ConfigError(f"recipe={name!r} is invalid: allowed one of {', '.join(RECIPES)}")
-    return replace(UnlearnConfig(), {**RECIPES[name], **(overrides or {})})
+def uses_toyworld(config: UnlearnConfig) -> bool:
+    """Whether the run reads the toy world: a ``toy`` model, lens or corpus, or a toy task."""
+    return TOY in (config.model.name_or_path, config.lens.name_or_path, config.data.forget,
+                   config.data.retain) or any(t.startswith("toy_") for t in config.eval.tasks)
 
 
 def replace_sweep(sweep: "SweepConfig", fields: dict[str, Any],
@@ -713,8 +652,50 @@ def replace_sweep(sweep: "SweepConfig", fields: dict[str, Any],
 SPACE_KINDS = ("log", "uniform", "int", "choice")
 
 
+def _check_sweep_name(section: str, name: str, value: Any) -> None:
+    _check_text(section, name, value)
+    if not SWEEP_NAME.fullmatch(value):  # it names folders: no "..", no separators
+        _fail(section, name, value, "letters, digits, '.', '_' or '-', starting with a "
+              "letter or digit (at most 100 characters)")
+
+
+def _check_study_url(section: str, name: str, url: Any) -> None:
+    if "://" not in str(url):
+        _fail(section, name, url, "an SQLAlchemy URL such as sqlite:///f.db")
+    if url_password(url):
+        raise ConfigError(
+            f"{section}.{name} carries a password, which would be printed and pickled with the "
+            f"sweep's state: {redact_url(url)} is allowed, with the password in ~/.pgpass "
+            "(PostgreSQL) or the database's own client config")
+
+
+def _check_space(s: str, space: dict, base: "UnlearnConfig") -> None:
+    """A sweep's search space: flat keys of ``base``, each ``(kind, ...)`` with valid ends."""
+    keys = set(to_flat(base))
+    if not isinstance(space, dict) or not space:
+        _fail(s, "space", space, "a non-empty dict of flat key -> (kind, ...)")
+    for key, spec in space.items():
+        if key not in keys:
+            _fail(s, "space", key, "keys of the flat UnlearnConfig, e.g. loss.retain_coef")
+        if not isinstance(spec, tuple) or not spec or spec[0] not in SPACE_KINDS:
+            _fail(s, f"space[{key!r}]", spec, "a tuple starting with one of " + ", ".join(SPACE_KINDS))
+        if spec[0] == "choice":
+            if len(spec) != 2 or not isinstance(spec[1], (list, tuple)) or not spec[1]:
+                _fail(s, f"space[{key!r}]", spec, "('choice', [value, ...])")
+            for value in spec[1]:  # every choice must be a valid setting
+                replace(base, {key: value})
+            continue
+        ok = len(spec) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    for v in spec[1:]) and spec[1] < spec[2]
+        if not ok or (spec[0] == "log" and spec[1] <= 0):
+            _fail(s, f"space[{key!r}]", spec, f"('{spec[0]}', low, high) with "
+                  f"{'0 < ' if spec[0] == 'log' else ''}low < high")
+        for value in spec[1:]:  # both ends must be valid settings
+            replace(base, {key: int(value) if spec[0] == "int" else value})
+
+
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(_Checked):
     """One sweep: a base run, the settings to search and how, the two objectives and a budget."""
 
     _section: ClassVar[str] = "sweep"
@@ -725,16 +706,16 @@ class SweepConfig:
     space: dict[str, tuple]
     """Flat key -> ``("log", low, high)`` | ``("uniform", low, high)`` | ``("int", low, high)`` |
     ``("choice", [values])``; log scale for coefficients and learning rates."""
-    num_trials: int = 12
+    num_trials: int = _f(12, _positive_int)
     """Trials in the sweep (a resumed sweep counts the ones already run)."""
     forget_task: str = "toy_wmdp"
     """Objective 1, minimised: accuracy on this task (``wmdp``)."""
     retain_task: str = "toy_mmlu"
     """Objective 2, maximised: accuracy on this task (``mmlu``)."""
-    retain_floor: float = 0.0
+    retain_floor: float = _f(0.0, _check_fraction)
     """A trial whose retain accuracy falls below this is ``collapsed``: recorded, never on the
     Pareto front (a model answering at chance has the lowest forget accuracy)."""
-    sampler: str = "tpe"
+    sampler: Literal["tpe", "nsga2"] = "tpe"
     """Optuna sampler: ``tpe`` (multi-objective TPE) or ``nsga2``."""
     seed: int = 0
     """Seed of the sampler."""
@@ -743,69 +724,26 @@ class SweepConfig:
     evaluate_baseline: bool = True
     """Score the unmodified model once (kept in the sweep folder): the baseline row of reports
     and the star on the Pareto plot."""
-    max_concurrent: int | None = None
+    max_concurrent: int | None = _f(None, _positive_int)
     """Trials at once; None: as many as the cluster's ``TRAIN_DRIVER`` slots, counted while
     the sweep runs (nodes that join later add theirs)."""
-    keep_exports: str = "all"
+    keep_exports: Literal["all", "front"] = "all"
     """Which trials keep their exported model once the sweep ends: ``all``, or ``front`` (the
     Pareto front's; a dominated trial's export is deleted, its record and metrics stay).
     Checkpoints of a finished trial are always deleted."""
-    storage: str = "raylens-runs"
+    storage: str = _f("raylens-runs", _check_text)
     """Root folder (shared storage on a cluster): ``<storage>/<name>/`` holds Tune's experiment,
     Ray Train checkpoints, trial outputs and (by default) the Optuna study."""
-    study_url: str | None = None
+    study_url: str | None = _f(None, _check_study_url)
     """Optuna storage URL (any RDB, e.g. ``postgresql://...``); None: sqlite in the sweep folder."""
 
-    def __post_init__(self) -> None:
+    def _cross_checks(self) -> None:
         s = self._section
-        _check_text(s, "name", self.name)
-        if not SWEEP_NAME.fullmatch(self.name):  # it names folders: no "..", no separators
-            _fail(s, "name", self.name, "letters, digits, '.', '_' or '-', starting with a "
-                  "letter or digit (at most 100 characters)")
+        _check_sweep_name(s, "name", self.name)
         if not isinstance(self.base, UnlearnConfig):
             _fail(s, "base", type(self.base).__name__, "an UnlearnConfig")
-        keys = set(to_flat(self.base))
-        if not isinstance(self.space, dict) or not self.space:
-            _fail(s, "space", self.space, "a non-empty dict of flat key -> (kind, ...)")
-        for key, spec in self.space.items():
-            if key not in keys:
-                _fail(s, "space", key, "keys of the flat UnlearnConfig, e.g. loss.retain_coef")
-            if not isinstance(spec, tuple) or not spec or spec[0] not in SPACE_KINDS:
-                _fail(s, f"space[{key!r}]", spec, "a tuple starting with one of " + ", ".join(SPACE_KINDS))
-            if spec[0] == "choice":
-                if len(spec) != 2 or not isinstance(spec[1], (list, tuple)) or not spec[1]:
-                    _fail(s, f"space[{key!r}]", spec, "('choice', [value, ...])")
-                for value in spec[1]:  # every choice must be a valid setting
-                    replace(self.base, {key: value})
-                continue
-            ok = len(spec) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                        for v in spec[1:]) and spec[1] < spec[2]
-            if not ok or (spec[0] == "log" and spec[1] <= 0):
-                _fail(s, f"space[{key!r}]", spec, f"('{spec[0]}', low, high) with "
-                      f"{'0 < ' if spec[0] == 'log' else ''}low < high")
-            for value in spec[1:]:  # both ends must be valid settings
-                replace(self.base, {key: int(value) if spec[0] == "int" else value})
+        _check_space(s, self.space, self.base)
         for name in ("forget_task", "retain_task"):
             if getattr(self, name) not in self.base.eval.tasks:
                 _fail(s, name, getattr(self, name), "one of base eval.tasks "
                       f"{list(self.base.eval.tasks)}")
-        _check_fraction(s, "retain_floor", self.retain_floor)
-        _check_positive(s, "num_trials", self.num_trials, integer=True)
-        _check_choice(s, "sampler", self.sampler, ("tpe", "nsga2"))
-        for name in ("evaluate_base_first", "evaluate_baseline"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(s, name, getattr(self, name), "true or false")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            _fail(s, "seed", self.seed, "an integer")
-        if self.max_concurrent is not None:
-            _check_positive(s, "max_concurrent", self.max_concurrent, integer=True)
-        _check_text(s, "storage", self.storage)
-        if self.study_url is not None:
-            if "://" not in str(self.study_url):
-                _fail(s, "study_url", self.study_url, "an SQLAlchemy URL such as sqlite:///f.db")
-            if url_password(self.study_url):
-                raise ConfigError(
-                    f"sweep.study_url carries a password, which would be printed and pickled "
-                    f"with the sweep's state: {redact_url(self.study_url)} is allowed, with the "
-                    "password in ~/.pgpass (PostgreSQL) or the database's own client config")
-        _check_choice(s, "keep_exports", self.keep_exports, ("all", "front"))

@@ -26,7 +26,8 @@ def _read_jsonl(field: str, path: Path) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"data.{field}={str(path)!r}: line {number} is not JSON ({exc.msg})") from None
+                raise ConfigError(f"data.{field}={str(path)!r}: line {number} is not JSON "
+                                  f"({exc.msg})") from None
             text = row.get("text") if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise ConfigError(
@@ -97,9 +98,11 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
+        """Real (non-pad) tokens in the batch."""
         return int(self.attention_mask.sum())
 
     def to(self, device) -> "Batch":
+        """The batch on ``device``."""
         return Batch(self.input_ids.to(device), self.attention_mask.to(device))
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from raylens.config import ConfigError
+from raylens.collectives import all_gather, any_rank, rank_and_world
+from raylens.config import ConfigError, EvalConfig, UnlearnConfig
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 TOY_TASKS = ("toy_wmdp", "toy_mmlu")
@@ -47,15 +48,31 @@ class Deadline:
         self.start = time.monotonic()
 
     def expired(self) -> bool:
+        """Whether the time limit has passed."""
         return self.limit_s is not None and time.monotonic() - self.start > self.limit_s
 
     def error(self, done: str = "") -> EvalError:
+        """The error naming the tasks, the limit and how far scoring got."""
         return EvalError(f"evaluation of tasks {self.tasks} exceeded its time limit of "
                          f"{self.limit_s:g} s (eval.time_limit_s){done}")
 
     def check(self, done: str = "") -> None:
+        """Raise ``error(done)`` once the time limit has passed."""
         if self.expired():
             raise self.error(done)
+
+
+def lm_eval_0shot(lm, tasks: tuple[str, ...], manager, *, limit: int | None = None,
+                  log_samples: bool = False, bootstrap_iters: int = 1000) -> dict:
+    """lm-eval's ``simple_evaluate`` as raylens calls it everywhere: 0-shot, and without lm-eval
+    reseeding the global RNGs (a trial's RNG stream is raylens's); its raw output, with the
+    per-question ``samples`` when ``log_samples``."""
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
+                           task_manager=manager, random_seed=None, numpy_random_seed=None,
+                           torch_random_seed=None, fewshot_random_seed=None,
+                           log_samples=log_samples, bootstrap_iters=bootstrap_iters)
 
 
 def run_lm_eval(lm, tasks: tuple[str, ...], *, toyworld: Path | None = None,
@@ -63,11 +80,10 @@ def run_lm_eval(lm, tasks: tuple[str, ...], *, toyworld: Path | None = None,
                 time_limit_s: float | None = None) -> dict[str, dict]:
     """Score ``lm`` (an lm-eval ``LM``) on ``tasks``, 0-shot; ``{task: {"acc", "acc_stderr", "n"}}``.
 
-    Global RNG states are restored afterwards (lm-eval reseeds and draws from them) and the model is scored in eval mode
-    (restored afterwards), so evaluation inside training does not change the training run.
+    Global RNG states are restored afterwards (lm-eval reseeds and draws from them) and the model
+    is scored in eval mode (restored afterwards), so evaluation inside training does not change
+    the training run.
     ``time_limit_s`` is checked before every model call."""
-    from lm_eval import simple_evaluate
-
     import random
 
     import numpy as np
@@ -78,7 +94,7 @@ def run_lm_eval(lm, tasks: tuple[str, ...], *, toyworld: Path | None = None,
     # HFLM sets eval mode only when built; a training loop may have switched dropout back on
     module = getattr(lm, "model", None)
     was_training = bool(getattr(module, "training", False))
-    if was_training:
+    if module is not None and was_training:
         module.eval()
     model_call = getattr(lm, "_model_call", None)
     if model_call is not None:
@@ -88,19 +104,7 @@ def run_lm_eval(lm, tasks: tuple[str, ...], *, toyworld: Path | None = None,
 
         lm._model_call = timed_call
     try:
-        out = simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            num_fewshot=0,
-            limit=limit,
-            task_manager=task_manager(tasks, toyworld, data_dir),
-            random_seed=None,
-            numpy_random_seed=None,
-            torch_random_seed=None,
-            fewshot_random_seed=None,
-            log_samples=False,
-            bootstrap_iters=1000,
-        )
+        out = lm_eval_0shot(lm, tasks, task_manager(tasks, toyworld, data_dir), limit=limit)
     except EvalError:
         raise
     except Exception as exc:  # dataset offline/missing, bad task file: name the tasks, keep cause
@@ -110,7 +114,7 @@ def run_lm_eval(lm, tasks: tuple[str, ...], *, toyworld: Path | None = None,
     finally:
         if model_call is not None:
             lm._model_call = model_call
-        if was_training:
+        if module is not None and was_training:
             module.train()
         random.setstate(rng_states[0])
         np.random.set_state(rng_states[1])
@@ -126,7 +130,7 @@ def _collect(out: dict | None, tasks: tuple[str, ...]) -> dict[str, dict]:
         acc = None if metrics is None else metrics.get("acc,none")
         if acc is None or not isinstance(acc, float) or math.isnan(acc):
             raise EvalError(f"task {task!r} produced no accuracy (got {metrics!r})")
-        n = (out.get("n-samples") or {}).get(task, {}).get("effective")
+        n = ((out or {}).get("n-samples") or {}).get(task, {}).get("effective")
         collected[task] = {"acc": acc, "acc_stderr": metrics.get("acc_stderr,none"), "n": n}
     return collected
 
@@ -207,7 +211,7 @@ def subset_indices(num_docs: int, fraction: float | None, seed: int, strata=None
     for index, label in enumerate(strata):
         groups.setdefault(label, []).append(index)
     generator = torch.Generator().manual_seed(seed)
-    chosen = []
+    chosen: list[int] = []
     for label in sorted(groups, key=str):
         members = groups[label]
         keep = max(1, round(fraction * len(members)))
@@ -301,7 +305,7 @@ def _encode_question(name, leaf, doc_id, instances, task, tokenizer, max_length)
                             f"its choices {names}")
         gold = names.index(gold)
     if isinstance(gold, bool) or not isinstance(gold, numbers.Integral) \
-            or not 0 <= gold < len(choices):
+            or not 0 <= int(gold) < len(choices):
         raise EvalError(f"task {leaf!r} doc {doc_id}: gold label {gold!r} is not a choice "
                         f"index 0..{len(choices) - 1}")
     return Question(name, leaf, doc_id, ctx_enc, tuple(c for _, c in choices), int(gold))
@@ -346,9 +350,7 @@ def _backbone(model):
     FSDP2-sharded Hugging Face causal LM."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(hf, hf.base_model_prefix)
-    from torch.distributed.fsdp import FSDPModule
-
-    root = hf if isinstance(hf, FSDPModule) else None
+    root = hf if hasattr(hf, "unshard") else None  # an FSDP2 module (``FSDPModule``)
     return root, body, hf.get_output_embeddings()
 
 
@@ -383,7 +385,7 @@ def choice_logliks(model, questions: list[Question], *, batch_size: int = 32,
                 results[i] = lls
     finally:
         model.train(was_training)
-    return results
+    return results  # type: ignore[return-value]  # every slot is filled above
 
 
 def _score_batch(body, unembed, root, questions, packed, device) -> list[list[float]]:
@@ -442,3 +444,55 @@ def accuracy(questions: list[Question], logliks: list[list[float]]) -> dict:
     acc = sum(hits) / n
     var = sum((h - acc) ** 2 for h in hits) / (n - 1) if n > 1 else 0.0
     return {"acc": acc, "acc_stderr": math.sqrt(var / n), "n": n}
+
+
+# -- scoring a live model inside a run (every rank takes part) -------------------------------
+
+
+def eval_questions(ev: EvalConfig, tokenizer, toyworld: Path | None, model_config):
+    """The questions of ``ev``'s tasks, encoded as the fast scorer reads them."""
+    return load_questions(ev.tasks, tokenizer, toyworld=toyworld, data_dir=ev.data_dir,
+                          subset=ev.subset, seed=ev.subset_seed,
+                          max_length=getattr(model_config, "max_position_embeddings", None))
+
+
+def evaluate_live(model, tokenizer, ev: EvalConfig,
+                  toyworld: Path | None = None) -> dict[str, dict]:
+    """Score the live model (plain, LoRA or FSDP2-sharded) with the fast scorer, inside the run:
+    each rank scores its share of the questions and the log-likelihoods are gathered, so every
+    rank returns the same ``{task: {"acc", "acc_stderr", "n", "subset", "predictions"}}``."""
+    rank, world = rank_and_world()
+    questions = eval_questions(ev, tokenizer, toyworld, model.config)
+    deadline = Deadline(ev.tasks, ev.time_limit_s)
+
+    def before_batch(done: str) -> None:
+        # every rank stops at the same batch: a rank leaving alone would strand the others in
+        # a collective forward (FSDP2) or gather (DDP)
+        if any_rank(deadline.expired()):
+            raise deadline.error(done)
+
+    results = {}
+    for task, qs in questions.items():
+        mine = shard(qs, rank, world)
+        logliks = choice_logliks(model, [qs[i] for i in mine], batch_size=ev.batch_size,
+                                 before_batch=before_batch)
+        if world > 1:
+            parts = all_gather(list(zip(mine, logliks)))
+            merged = dict(pair for part in parts for pair in part)
+            logliks = [merged[i] for i in range(len(qs))]
+        results[task] = {**accuracy(qs, logliks), "subset": ev.subset,
+                         "chance": sum(1 / len(q.choices) for q in qs) / len(qs),
+                         "predictions": predictions(logliks)}
+    return results
+
+
+def evaluate_base(config: UnlearnConfig, toyworld: Path | None = None) -> dict[str, dict]:
+    """The unmodified model scored as every trial is (fast scorer, same tasks and subset):
+    ``{task: {"acc", "acc_stderr", "n", "chance"}}``, the baseline a sweep is compared with."""
+    from raylens.model import load_model
+    from raylens.parallel import device_for
+
+    model, tokenizer = load_model(config.model, toyworld)
+    model = model.to(device_for(config)).eval()
+    scores = evaluate_live(model, tokenizer, config.eval, toyworld)
+    return {task: {k: v for k, v in s.items() if k != "predictions"} for task, s in scores.items()}

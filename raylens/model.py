@@ -2,7 +2,7 @@
 
 The reference is what the retain loss compares against: with LoRA, the same model with its
 adapter disabled (no second copy in memory); with full fine-tuning, a frozen copy in the compute
-dtype (bf16 on the real model: a 4-bit reference added a noise floor of ~48 in the seed log).
+dtype (bf16 on the real model: a 4-bit reference added a noise floor of ~48 in the seed runs).
 
 Precision policy (``model.dtype`` is the *compute* dtype):
 
@@ -168,6 +168,7 @@ class Reference:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The original model's outputs (hidden states included) on a batch, without grad."""
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         if self.mode == "lora":
             with self.model.disable_adapter():
@@ -226,8 +227,9 @@ def load_sharded(config: ModelConfig, toyworld: Path | None = None, *, device):
     meta device and shards them; rank 0 alone reads the checkpoint, in the dtype it is stored
     in, and ``set_model_state_dict`` broadcasts it tensor by tensor in each target's dtype, each
     rank keeping its shard. So a rank holds its shards plus one tensor in flight; rank 0 also
-    holds the checkpoint and, while the fp32 model loads, an fp32 copy of it. ``head`` is a meta-device model whose final norm and
-    unembedding hold full weights: what a tuned lens copies (``load_lens(head, ...)``)."""
+    holds the checkpoint and, while the fp32 model loads, an fp32 copy of it. ``head`` is a
+    meta-device model whose final norm and unembedding hold full weights: what a tuned lens
+    copies (``load_lens(head, ...)``)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM

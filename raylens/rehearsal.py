@@ -119,26 +119,16 @@ def _questions(rows: list[dict], parts: int) -> list[list[dict]]:
     return [rows[k::parts] or rows[:1] for k in range(parts)]
 
 
-def build(folder: Path, *, world=None, log=print) -> Path:
-    """Write the rehearsal cache into ``folder`` (its ``HF_HOME``); returns ``folder``."""
-    import datasets
+def _write_model_and_lens(hub: Path, world, log) -> None:
+    """The stand-in model (bf16) and a tuned lens for it, as hub repositories."""
     import torch
     from transformers import AutoTokenizer
-
-    from raylens import toyworld as tw
-    from raylens.lens import save_lens
     from tuned_lens.nn import TunedLens
 
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        from raylens.config import ConfigError
+    from raylens.lens import save_lens
 
-        raise ConfigError(f"rehearsal folder {str(folder)!r} is invalid: allowed a new or empty "
-                          "folder")
-    world = world or tw.load_or_build(log=log)
-    hub, cache = folder / "hub", folder / "datasets"
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
         tokenizer = AutoTokenizer.from_pretrained(world.model)
         model = stand_in_model(tokenizer)
         model.save_pretrained(tmp / "model")
@@ -154,6 +144,11 @@ def build(folder: Path, *, world=None, log=print) -> Path:
         _write_hub_repo(hub, LENS_ID, {p.name: p for p in (tmp / "lens").iterdir()})
         log(f"{LENS_ID}: {len(lens)} translators")
 
+
+def _write_corpora(cache: Path, world, log) -> None:
+    """The forget and retain corpora in the hub datasets' schemas."""
+    from raylens import toyworld as tw
+
     forget = [r["text"] for r in tw.read_jsonl(world.forget)]
     _write_dataset(cache, FORGET_ID, "default", {"train": [
         {"title": " ".join(t.split()[:4]), "abstract": "" if i % 3 == 0 else t.split(".")[0],
@@ -164,6 +159,13 @@ def build(folder: Path, *, world=None, log=print) -> Path:
         "train": [{"page": t} for t in retain], "validation": [{"page": t} for t in retain[:half]],
         "test": [{"page": t} for t in retain[half:2 * half]]})
     log(f"{FORGET_ID}: {len(forget)} documents; {RETAIN_ID} ({RETAIN_CONFIG}): {len(retain)}")
+
+
+def _write_eval_sets(cache: Path, world, log) -> None:
+    """WMDP-Bio-Robust, lm-eval's wmdp_bio and mmlu, from the toy world's questions."""
+    import datasets
+
+    from raylens import toyworld as tw
 
     hazard = tw.read_jsonl(world.eval_set("toy_wmdp"))
     general = tw.read_jsonl(world.eval_set("toy_mmlu"))
@@ -189,6 +191,22 @@ def build(folder: Path, *, world=None, log=print) -> Path:
                                                  "dev": rows[:1]}, features=mmlu)
     log(f"{ROBUST_ID}: {len(tw.WMDP_BIO_ROBUST_CATEGORIES)} configs; {WMDP_ID}: "
         f"{len(WMDP_CONFIGS)} configs; {MMLU_ID}: {len(subjects)} subjects")
+
+
+def build(folder: Path, *, world=None, log=print) -> Path:
+    """Write the rehearsal cache into ``folder`` (its ``HF_HOME``); returns ``folder``."""
+    from raylens import toyworld as tw
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        from raylens.config import ConfigError
+
+        raise ConfigError(f"rehearsal folder {str(folder)!r} is invalid: allowed a new or empty "
+                          "folder")
+    world = world or tw.load_or_build(log=log)
+    _write_model_and_lens(folder / "hub", world, log)
+    _write_corpora(folder / "datasets", world, log)
+    _write_eval_sets(folder / "datasets", world, log)
     (folder / "REHEARSAL.json").write_text(json.dumps(
         {"hub_ids": list(HUB_IDS), "toyworld": str(world.root)}, indent=1))
     return folder

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,18 +25,22 @@ import optuna
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from raylens.config import ConfigError, SweepConfig, redact_url, replace, to_flat
-from raylens.tracking import (
-    Tracker, fail_open_trial, finish_sweep, pareto_front, record_failure, record_trial,
-    start_sweep, trial_run, update_front,
-)
+from raylens.config import SweepConfig, redact_url, replace, to_flat
+from raylens.evaluate import evaluate_base
+from raylens.pareto import beaten_by, pareto_front
 from raylens.preflight import preflight
-from raylens.sweepfile import add_sweep_options, sweep_from_options
-from raylens.train import evaluate_base, fit_on_ray
-
-DRIVER_RESOURCE = "TRAIN_DRIVER"
-"""Custom resource a trial's driver holds (one per trial): clusters declare how many trials run
-at once by how many of these the head node offers."""
+from raylens.ray_train import DRIVER_RESOURCE, connect_ray, fit_on_ray
+from raylens.report import markdown_table
+from raylens.tracking import (
+    Tracker,
+    fail_open_trial,
+    finish_sweep,
+    record_failure,
+    record_trial,
+    start_sweep,
+    trial_run,
+    update_front,
+)
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,12 @@ class SweepPaths:
 
     @property
     def study_url(self) -> str:
+        """The Optuna storage URL (sqlite in the sweep folder)."""
         return f"sqlite:///{(self.root / 'optuna.db').resolve()}"
 
 
 def paths(sweep: SweepConfig) -> SweepPaths:
+    """Where the sweep ``sweep`` keeps its trials, study and Ray storage."""
     return SweepPaths(Path(sweep.storage).resolve() / sweep.name)
 
 
@@ -114,7 +119,7 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
             ray.tune.report(result)
             return
     hand_tuned = params == base_point(sweep)
-    run_id = trial_run(tracker, trial_id, config, hand_tuned) if tracker else None
+    run_id = trial_run(tracker, trial_id, config, hand_tuned) if tracker else ""
     try:
         report = fit_on_ray(config, out=out, storage_path=where.train, name=trial_id,
                             toyworld=Path(toyworld) if toyworld else None,
@@ -199,7 +204,7 @@ class _ConstrainedOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result=result, error=error)
-        attrs = {"tune_trial_id": trial_id}
+        attrs: dict[str, str | float] = {"tune_trial_id": trial_id}
         if result and "constraint" in result:
             attrs |= {"constraint": float(result["constraint"]),
                       "infeasible": result.get("infeasible", "")}
@@ -269,6 +274,76 @@ def _drop_dominated_exports(rows: list[dict], where: SweepPaths) -> list[str]:
     return sorted(set(dropped))
 
 
+def _start_tracking(sweep: SweepConfig, toyworld: Path | None, log) -> Tracker | None:
+    """The sweep's MLflow parent run (with the unmodified model's scores, when asked for and
+    they can be had), or None when tracking is off."""
+    if not sweep.base.tracking.enabled:
+        return None
+    scores = None
+    if sweep.evaluate_baseline:
+        try:
+            scores = baseline(sweep, toyworld)
+        except Exception as exc:  # the sweep still runs; reports show no baseline row values
+            log(f"baseline evaluation failed, continuing without it: {exc}")
+    tracker = start_sweep(sweep, scores)
+    log(f"MLflow: experiment {sweep.name} at {redact_url(tracker.uri)} (sweep run "
+        f"{tracker.parent_run_id})")
+    return tracker
+
+
+def _tuner(sweep: SweepConfig, where: SweepPaths, trainable, tracker: Tracker | None,
+           slots: float, log):
+    """A new Tuner for ``sweep``, or the interrupted one restored from its storage."""
+    from ray import tune
+
+    study_url = sweep.study_url or where.study_url
+    experiment = where.tune / sweep.name
+    if tune.Tuner.can_restore(str(experiment)):
+        failed = fail_orphaned_trials(study_url, sweep.name)
+        log(f"resuming sweep {sweep.name} from {experiment} ({failed} orphaned Optuna trials "
+            "marked failed)")
+        # the callbacks come back with the experiment (the same parent run, reopened above)
+        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    # Tune's cap: the sweep's max_concurrent, else none. Each trial holds one TRAIN_DRIVER
+    # slot, so the slots bound it as Tune schedules, and a node that joins later adds its own
+    # (with a searcher Tune keeps one trial pending, so nothing is sampled before a slot frees)
+    concurrency = sweep.max_concurrent
+    at_once = (f"up to {concurrency}" if concurrency else
+               f"as many as the {DRIVER_RESOURCE} slots ({slots:g} now)")
+    log(f"sweep {sweep.name}: {sweep.num_trials} trials, {at_once} at once, "
+        f"study {redact_url(study_url)}")
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=_searcher(sweep, study_url),
+                                    num_samples=sweep.num_trials,
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=str(where.tune),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[_FrontCallback(tracker)] if tracker else [],
+                                  verbose=0),
+    )
+
+
+def _rows(grid) -> list[dict]:
+    """One row per trial of Tune's results, ``pareto`` marked."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        rows.append({
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "forget_acc": metrics.get("wmdp"), "retain_acc": metrics.get("mmlu"),
+            "feasible": bool(metrics.get("feasible")),
+            "infeasible": metrics.get("infeasible", "error" if result.error else ""),
+            "params": dict(result.config or {}),
+            "error": str(result.error)[:500] if result.error else None,
+            "trial_dir": metrics.get("trial_dir"),
+        })
+    front = {id(r) for r in pareto_front([r for r in rows if r["forget_acc"] is not None])}
+    for row in rows:
+        row["pareto"] = id(row) in front
+    return rows
+
+
 def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print,
               checked: bool = False) -> list[dict]:
     """Run (or resume) ``sweep`` on the connected Ray cluster; returns one row per trial (its
@@ -279,56 +354,19 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print,
 
     if not checked:
         preflight(sweep.base, toyworld)
-
     sweep = dataclasses.replace(sweep, storage=str(Path(sweep.storage).resolve()))
     where = paths(sweep)
     where.root.mkdir(parents=True, exist_ok=True)
-    study_url = sweep.study_url or where.study_url
-    # Tune's cap: the sweep's max_concurrent, else none. Each trial holds one TRAIN_DRIVER
-    # slot, so the slots bound it as Tune schedules, and a node that joins later adds its own
-    # (with a searcher Tune keeps one trial pending, so nothing is sampled before a slot frees)
-    concurrency = sweep.max_concurrent
     slots = ray.cluster_resources().get(DRIVER_RESOURCE, 0)
     if not slots:
         raise RuntimeError(f"the Ray cluster offers no {DRIVER_RESOURCE} resource: start it with "
                            f"--resources='{{\"{DRIVER_RESOURCE}\": N}}' (N trials at once)")
-    tracker = None
-    if sweep.base.tracking.enabled:
-        scores = None
-        if sweep.evaluate_baseline:
-            try:
-                scores = baseline(sweep, toyworld)
-            except Exception as exc:  # the sweep still runs; reports show no baseline row values
-                log(f"baseline evaluation failed, continuing without it: {exc}")
-        tracker = start_sweep(sweep, scores)
-        log(f"MLflow: experiment {sweep.name} at {redact_url(tracker.uri)} (sweep run "
-            f"{tracker.parent_run_id})")
+    tracker = _start_tracking(sweep, toyworld, log)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, sweep=sweep, toyworld=str(toyworld) if toyworld else None,
                              tracker=tracker),
         {DRIVER_RESOURCE: 1})
-    callbacks = [_FrontCallback(tracker)] if tracker else []
-    experiment = where.tune / sweep.name
-    if tune.Tuner.can_restore(str(experiment)):
-        failed = fail_orphaned_trials(study_url, sweep.name)
-        log(f"resuming sweep {sweep.name} from {experiment} ({failed} orphaned Optuna trials "
-            "marked failed)")
-        # the callbacks come back with the experiment (the same parent run, reopened above)
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
-    else:
-        at_once = (f"up to {concurrency}" if concurrency else
-                   f"as many as the {DRIVER_RESOURCE} slots ({slots:g} now)")
-        log(f"sweep {sweep.name}: {sweep.num_trials} trials, {at_once} at once, "
-            f"study {redact_url(study_url)}")
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=_searcher(sweep, study_url),
-                                        num_samples=sweep.num_trials,
-                                        max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(where.tune),
-                                      failure_config=tune.FailureConfig(max_failures=0),
-                                      callbacks=callbacks, verbose=0),
-        )
+    tuner = _tuner(sweep, where, trainable, tracker, slots, log)
     try:
         grid = tuner.fit()
     except BaseException:
@@ -338,21 +376,7 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print,
     if tracker:
         update_front(tracker)
         finish_sweep(tracker)
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        rows.append({
-            "trial_id": metrics.get("trial_id") or Path(result.path).name,
-            "wmdp": metrics.get("wmdp"), "mmlu": metrics.get("mmlu"),
-            "feasible": bool(metrics.get("feasible")),
-            "infeasible": metrics.get("infeasible", "error" if result.error else ""),
-            "params": dict(result.config or {}),
-            "error": str(result.error)[:500] if result.error else None,
-            "trial_dir": metrics.get("trial_dir"),
-        })
-    front = {id(r) for r in pareto_front([r for r in rows if r["wmdp"] is not None])}
-    for row in rows:
-        row["pareto"] = id(row) in front
+    rows = _rows(grid)
     if sweep.keep_exports == "front":
         dropped = _drop_dominated_exports(rows, where)
         log(f"keep_exports=front: deleted the exports of {len(dropped)} dominated trials")
@@ -370,100 +394,40 @@ def optuna_front(sweep: SweepConfig) -> list[str]:
 def front_table(rows: list[dict], sweep: SweepConfig) -> str:
     """A markdown table of every trial, Pareto points first, marked."""
     keys = list(sweep.space)
-    head = ["pareto", sweep.forget_task, sweep.retain_task, "status", *keys, "trial"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = sorted(rows, key=lambda r: (not r["pareto"], r["wmdp"] if r["wmdp"] is not None
-                                        else 2, -(r["mmlu"] or 0)))
-    for r in order:
-        status = r["infeasible"] or ("error" if r["error"] else "ok")
-        cells = ["*" if r["pareto"] else "",
-                 f"{r['wmdp']:.4f}" if r["wmdp"] is not None else "-",
-                 f"{r['mmlu']:.4f}" if r["mmlu"] is not None else "-", status,
-                 *[f"{r['params'][k]:.3g}" if isinstance(r["params"].get(k), float)
-                   else str(r["params"].get(k, "-")) for k in keys], r["trial_id"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def sweep_main(real: SweepConfig, toy: SweepConfig, argv: list[str] | None = None) -> int:
-    """Entry point of a ``sweeps/*.py`` file: the real sweep on the cluster this runs on
-    (``ray submit cluster.yaml sweeps/x.py`` or ``ray job submit``), or its toy-world version with
-    ``--toy``. Prints the trial table with the Pareto front marked."""
-    import argparse
-
-    import ray
-
-    parser = argparse.ArgumentParser(description=f"sweep {real.name}")
-    add_sweep_options(parser)
-    args = parser.parse_args(argv)
-    try:  # bad input is one line naming the field, before any compute (as the CLI does)
-        sweep, toyworld = sweep_from_options(real, toy, args)
-        for line in preflight(sweep.base, toyworld):
-            print(f"preflight: {line}")
-    except ConfigError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    connect_or_start(sweep)
-    rows = run_sweep(sweep, toyworld=toyworld, checked=True)
-    print(front_table(rows, sweep))
-    print(compare_to_base(rows, sweep))
-    ray.shutdown()
-    return 0 if any(r["pareto"] for r in rows) else 1
+    order = sorted(rows, key=lambda r: (not r["pareto"], r["forget_acc"] if r["forget_acc"]
+                                        is not None else 2, -(r["retain_acc"] or 0)))
+    acc = lambda v: f"{v:.4f}" if v is not None else "-"
+    cells = [["*" if r["pareto"] else "", acc(r["forget_acc"]), acc(r["retain_acc"]),
+              r["infeasible"] or ("error" if r["error"] else "ok"),
+              *[f"{r['params'][k]:.3g}" if isinstance(r["params"].get(k), float)
+                else str(r["params"].get(k, "-")) for k in keys], r["trial_id"]] for r in order]
+    return markdown_table(["pareto", sweep.forget_task, sweep.retain_task, "status", *keys,
+                           "trial"], cells)
 
 
 def connect_or_start(sweep: SweepConfig) -> None:
-    """Join the running cluster (``RAY_ADDRESS``, or the head this node belongs to, as ``ray
-    submit`` and ``ray job submit`` leave it); start a local Ray instance, offering as many
-    trial-driver slots as its CPUs (or GPUs) fit trials, only when there is none."""
+    """Reach Ray for ``sweep`` (``ray_train.connect_ray``): a local instance it has to start
+    offers as many trial-driver slots as its CPUs (or GPUs) fit trials."""
     import os
 
-    import ray
-
-    if ray.is_initialized():
-        return
-    try:  # a cluster's own resources are its nodes' business: never pass any when joining
-        ray.init(address="auto")
-        return
-    except ConnectionError:
-        if os.environ.get("RAY_ADDRESS"):
-            raise  # the cluster named is not there: starting a local one would hide that
     import torch
 
     scaling = sweep.base.scaling
     have = torch.cuda.device_count() if scaling.use_gpu else os.cpu_count() or 1
-    slots = sweep.max_concurrent or max(1, have // scaling.num_workers)
-    ray.init(resources={DRIVER_RESOURCE: slots}, include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=False)
-
-
-def demo_sweep(storage: str = "raylens-runs", name: str = "demo", num_trials: int = 12,
-               overrides: dict | None = None) -> SweepConfig:
-    """The toy-world sweep ``raylens demo`` runs: full fine-tuning with AdamW (the ``sft_adamw``
-    recipe as the method issue hand-tuned it: 1,024 documents, 64 steps), retain coefficient and
-    lr on log scales wide enough to reach collapsed and unchanged models, the hand-tuned point
-    first; a retain accuracy below 0.6 counts as collapsed. ``overrides`` change the base."""
-    from raylens.config import recipe
-
-    return SweepConfig(
-        name=name, storage=storage, num_trials=num_trials, retain_floor=0.6,
-        base=replace(recipe("sft_adamw"), {"scaling.checkpoint_every": 0, **(overrides or {})}),
-        space={"loss.retain_coef": ("log", 0.003, 10.0), "optim.lr": ("log", 3e-5, 1e-2)},
-    )
+    connect_ray(driver_slots=sweep.max_concurrent or max(1, have // scaling.num_workers))
 
 
 def compare_to_base(rows: list[dict], sweep: SweepConfig) -> str:
     """One line: the base (hand-tuned) trial's objectives and the trials that beat it on one
     objective without losing on the other."""
     base = base_point(sweep)
-    first = next((r for r in rows if r["params"] == base and r["wmdp"] is not None), None)
+    first = next((r for r in rows if r["params"] == base and r["forget_acc"] is not None), None)
     if first is None:
         return "the base config was not among the finished trials"
-    better = [r for r in rows if r is not first and r["feasible"] and r["wmdp"] is not None
-              and r["wmdp"] <= first["wmdp"] and r["mmlu"] >= first["mmlu"]
-              and (r["wmdp"] < first["wmdp"] or r["mmlu"] > first["mmlu"])]
+    better = beaten_by(first, rows)
     head = (f"hand-tuned base ({', '.join(f'{k}={v:g}' for k, v in base.items())}): "
-            f"{sweep.forget_task} {first['wmdp']:.4f}, {sweep.retain_task} {first['mmlu']:.4f}")
+            f"{sweep.forget_task} {first['forget_acc']:.4f}, {sweep.retain_task} {first['retain_acc']:.4f}")
     if not better:
         return head + "; no trial beats it on one objective without losing on the other"
     return head + "; beaten by " + ", ".join(
-        f"{r['trial_id']} ({r['wmdp']:.4f}, {r['mmlu']:.4f})" for r in better)
+        f"{r['trial_id']} ({r['forget_acc']:.4f}, {r['retain_acc']:.4f})" for r in better)

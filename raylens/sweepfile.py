@@ -52,6 +52,8 @@ def load_sweep_file(path: str | Path) -> tuple[SweepConfig, SweepConfig]:
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"raylens_sweep_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"sweep file {str(path)!r} is not a Python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     real, toy = getattr(module, "REAL", None), getattr(module, "TOY", None)

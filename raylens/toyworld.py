@@ -36,7 +36,7 @@ from raylens.config import ConfigError, ToyWorldConfig
 BUILD_VERSION = "3"
 """Bump when the generator or training changes, so stale caches are not reused."""
 
-DOMAINS = {
+DOMAINS: dict[str, dict] = {
     "hazard": {
         "kind": "pathogen",
         "attributes": {"host": "animal", "region": "region", "receptor": "receptor", "toxin": "toxin"},
@@ -81,10 +81,12 @@ class ToyWorld:
 
     @property
     def forget(self) -> Path:
+        """The forget corpus (hazard documents), JSONL."""
         return self.root / "data" / "forget.jsonl"
 
     @property
     def retain(self) -> Path:
+        """The retain corpus (general documents), JSONL."""
         return self.root / "data" / "retain.jsonl"
 
     def eval_set(self, task: str) -> Path:
@@ -93,14 +95,17 @@ class ToyWorld:
 
     @property
     def model(self) -> Path:
+        """The main model (trained on both corpora)."""
         return self.root / "model"
 
     @property
     def control(self) -> Path:
+        """The control model (trained without the hazard corpus)."""
         return self.root / "control"
 
     @property
     def lens(self) -> Path:
+        """The tuned lens of the main model."""
         return self.root / "lens"
 
     @property
@@ -110,6 +115,7 @@ class ToyWorld:
 
     @property
     def config(self) -> ToyWorldConfig:
+        """The config the world was built from."""
         return ToyWorldConfig(**json.loads((self.root / "config.json").read_text()))
 
 
@@ -143,6 +149,7 @@ def content_key(config: ToyWorldConfig) -> str:
 
 
 def world_path(config: ToyWorldConfig) -> Path:
+    """The cache folder of the world ``config`` builds."""
     return cache_root() / f"seed{config.seed}-{content_key(config)}"
 
 
@@ -183,14 +190,14 @@ def _pseudo_words(rng: random.Random, count: int, taken: set[str]) -> list[str]:
     return words
 
 
-def make_facts(config: ToyWorldConfig) -> dict[str, list[dict]]:
+def make_facts(config: ToyWorldConfig) -> dict:
     """Per domain, a list of entities ``{"name", "facts": {attr: value}}``."""
     rng = random.Random(config.seed)
     taken = {w for pool in POOLS.values() for w in pool}
     pools = dict(POOLS)
     pools["receptor"] = _pseudo_words(rng, NUM_PSEUDO_VALUES, taken)
     pools["toxin"] = _pseudo_words(rng, NUM_PSEUDO_VALUES, taken)
-    facts = {}
+    facts: dict = {}
     for domain, spec in DOMAINS.items():
         names = _pseudo_words(rng, config.num_entities, taken)
         facts[domain] = [
@@ -259,6 +266,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -420,7 +428,7 @@ def _build(config: ToyWorldConfig, root: Path, *, log=print) -> ToyWorld:
             report = lens_kl_report(model, lens, tokenizer, held_out)
             (root / "lens" / "kl_report.json").write_text(json.dumps(report, indent=1))
 
-    baseline = {"main": {}, "control": {}}
+    baseline: dict = {"main": {}, "control": {}}
     for key, folder in (("main", world.model), ("control", world.control)):
         results = evaluate_folder(folder, ("toy_wmdp", "toy_mmlu"), toyworld=root)
         baseline[key] = {task: r["acc"] for task, r in results.items()}
@@ -461,10 +469,11 @@ def write_robust_snapshot(world: ToyWorld, data_dir: Path) -> dict[str, list[dic
 
 def baseline_table(world: ToyWorld) -> str:
     """The baseline accuracies as a markdown table (chance is 0.25)."""
+    from raylens.report import markdown_table
+
     base = world.baseline
-    rows = ["| model | toy_wmdp (hazard, lower after unlearning) | toy_mmlu (general) |",
-            "|---|---|---|"]
-    for key, label in (("main", "main (both corpora)"), ("control", "control (no hazard corpus)")):
-        rows.append(f"| {label} | {base[key]['toy_wmdp']:.4f} | {base[key]['toy_mmlu']:.4f} |")
-    rows.append("| chance | 0.2500 | 0.2500 |")
-    return "\n".join(rows)
+    rows = [[label, f"{base[key]['toy_wmdp']:.4f}", f"{base[key]['toy_mmlu']:.4f}"]
+            for key, label in (("main", "main (both corpora)"),
+                               ("control", "control (no hazard corpus)"))]
+    return markdown_table(["model", "toy_wmdp (hazard, lower after unlearning)",
+                           "toy_mmlu (general)"], [*rows, ["chance", "0.2500", "0.2500"]])

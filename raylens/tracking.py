@@ -8,7 +8,7 @@ trial the front over the finished feasible trials is recomputed from MLflow, its
 ``pareto=true`` with their ``pareto_rank`` (non-dominated sorting level), and a plot (PNG and an
 HTML page) is logged on the parent run.
 
-Read side: ``trial_rows`` and ``report`` rebuild the seed log's tables from MLflow alone.
+Read side: ``trial_rows`` and ``report`` rebuild the seed runs' tables from MLflow alone.
 
 MLflow has no Pareto view of its own (stack facts), hence the tags and the plot. Nothing here
 imports torch or Ray: it runs in the sweep driver, in trials and on rank 0 of a Train run.
@@ -16,9 +16,6 @@ imports torch or Ray: it runs in the sweep driver, in trials and on rank 0 of a 
 
 from __future__ import annotations
 
-import csv
-import html
-import io
 import json
 import math
 import os
@@ -33,6 +30,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from raylens.config import SweepConfig, TrackingConfig, UnlearnConfig, to_flat
+from raylens.pareto import pareto_levels
+from raylens.report import REPORT_FORMATS, plot_front_html, plot_front_png, render_report
 
 DEFAULT_URI = "sqlite:///raylens-mlflow.db"
 STEP_METRICS = ("retain_loss", "forget_loss", "retain_weight", "forget_weight", "loss", "lr",
@@ -48,11 +47,17 @@ def resolve_uri(tracking: TrackingConfig) -> str:
     sqlite file in the working directory. Local paths are made absolute, because trials and Train
     workers run in other working directories."""
     uri = tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    database = sqlite_path(uri)
+    if database is not None:
+        uri = "sqlite:///" + str(database.resolve())
     elif "://" not in uri:  # a plain folder: MLflow's file store
         uri = Path(uri).resolve().as_uri()
     return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative or absolute), else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def _is_local(uri: str) -> bool:
@@ -70,6 +75,7 @@ class Tracker:
 
     @property
     def client(self) -> MlflowClient:
+        """An MLflow client of this tracker's server."""
         return MlflowClient(self.uri)
 
 
@@ -136,17 +142,29 @@ def _param_value(value) -> str:
     return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
 
 
+def _find_run(client: MlflowClient, experiment: str, query: str, **kwargs):
+    """The first run of ``experiment`` that ``query`` (an MLflow filter) matches, or None."""
+    found = client.search_runs([experiment], query, max_results=1, **kwargs)
+    return found[0] if found else None
+
+
+def _reopen(client: MlflowClient, run_id: str, *, status_tag: bool = True) -> str:
+    """Mark a run found again (a resumed sweep, a rerun trial, ``--resume``) RUNNING."""
+    client.update_run(run_id, status="RUNNING")
+    if status_tag:
+        client.set_tag(run_id, "status", "running")
+    return run_id
+
+
 def start_sweep(sweep: SweepConfig, baseline: dict | None = None) -> Tracker:
     """Find or create the sweep's experiment (named after the sweep) and its parent run; a
     resumed sweep reuses both. ``baseline``: the unmodified model's ``{task: {"acc", "chance",
     ...}}``, logged as ``baseline/<task>`` and ``chance/<task>``."""
     uri, client, exp = _experiment(sweep.base.tracking, sweep.name)
-    parents = client.search_runs([exp], "tags.role = 'sweep'", max_results=1,
-                                 order_by=["attributes.start_time ASC"])
-    if parents:
-        run_id = parents[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        if any(k.startswith("baseline/") for k in parents[0].data.metrics):
+    parent = _find_run(client, exp, "tags.role = 'sweep'", order_by=["attributes.start_time ASC"])
+    if parent:
+        run_id = _reopen(client, parent.info.run_id, status_tag=False)
+        if any(k.startswith("baseline/") for k in parent.data.metrics):
             baseline = None  # logged when the sweep started
     else:
         tags = {"role": "sweep", "sweep": sweep.name, "forget_task": sweep.forget_task,
@@ -186,10 +204,7 @@ def trial_run(tracker: Tracker, trial_id: str, config: UnlearnConfig,
     client = tracker.client
     found = _trial_run(tracker, trial_id)
     if found:
-        run_id = found.info.run_id
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "status", "running")
-        return run_id
+        return _reopen(client, found.info.run_id)
     return _new_run(client, tracker.experiment_id, trial_id, config, {
         "mlflow.parentRunId": tracker.parent_run_id, "role": "trial", "trial_id": trial_id,
         "hand_tuned": str(hand_tuned).lower()})
@@ -197,10 +212,8 @@ def trial_run(tracker: Tracker, trial_id: str, config: UnlearnConfig,
 
 def _trial_run(tracker: Tracker, trial_id: str):
     """The MLflow run of Tune trial ``trial_id``, or None."""
-    found = tracker.client.search_runs(
-        [tracker.experiment_id], f"tags.trial_id = '{trial_id}' and tags.role = 'trial'",
-        max_results=1)
-    return found[0] if found else None
+    return _find_run(tracker.client, tracker.experiment_id,
+                     f"tags.trial_id = '{trial_id}' and tags.role = 'trial'")
 
 
 def _new_run(client: MlflowClient, experiment: str, name: str, config: UnlearnConfig,
@@ -217,11 +230,9 @@ def unlearn_run(config: UnlearnConfig, out: Path) -> tuple[Tracker, str]:
     with the flat config as params, the git commit and package versions as tags."""
     uri, client, exp = _experiment(config.tracking, config.tracking.experiment)
     folder = str(Path(out).resolve())
-    found = client.search_runs([exp], f"tags.out_dir = '{folder}'", max_results=1)
+    found = _find_run(client, exp, f"tags.out_dir = '{folder}'")
     if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "status", "running")
+        run_id = _reopen(client, found.info.run_id)
     else:
         run_id = _new_run(client, exp, Path(folder).name, config,
                           {"role": "run", "out_dir": folder, **_provenance()})
@@ -279,6 +290,7 @@ class StepLogger:
         self.last = time.monotonic()
 
     def __call__(self, record: dict) -> None:
+        """Buffer a step's record (one already logged before a restart is skipped)."""
         if record["step"] <= self.logged:
             return
         now = int(time.time() * 1000)
@@ -289,6 +301,7 @@ class StepLogger:
             self.flush()
 
     def flush(self) -> None:
+        """Log the buffered records (also called at the end of a run and after a crash)."""
         for i in range(0, len(self.buffer), 1000):  # MLflow's batch limit
             self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 1000])
         self.buffer, self.last = [], time.monotonic()
@@ -309,9 +322,6 @@ def record_trial(tracker: Tracker, run_id: str, *, report: dict, result: dict, o
         values[f"eval/{task}"] = scores["acc"]
         values[f"eval/{task}/stderr"] = scores["acc_stderr"]
         values[f"eval/{task}/n"] = scores["n"]
-    for key, value in report.items():  # fine-tuning attack results, when a trial has them
-        if key.startswith("attack/") and isinstance(value, (int, float)):
-            values[key] = value
     metrics = [Metric(k, float(v), now, step) for k, v in values.items()
                if isinstance(v, (int, float))]
     status = result["infeasible"] or "ok"
@@ -353,34 +363,6 @@ def fail_open_trial(tracker: Tracker, trial_id: str, reason: str) -> bool:
     return True
 
 
-# --- the Pareto front -------------------------------------------------------------------------
-
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """The feasible rows no other feasible row dominates (lower ``wmdp`` and higher ``mmlu``,
-    one strictly), sorted by ``wmdp``."""
-    feasible = [r for r in rows if r["feasible"]]
-
-    def dominated(r):
-        return any(o["wmdp"] <= r["wmdp"] and o["mmlu"] >= r["mmlu"]
-                   and (o["wmdp"] < r["wmdp"] or o["mmlu"] > r["mmlu"]) for o in feasible)
-
-    return sorted((r for r in feasible if not dominated(r)), key=lambda r: (r["wmdp"], -r["mmlu"]))
-
-
-def pareto_levels(rows: list[dict]) -> list[int | None]:
-    """Non-dominated sorting: each row's front number (1 = the Pareto front, 2 = the front once
-    the first is removed, ...); None for infeasible rows."""
-    levels: dict[int, int] = {}
-    left = [r for r in rows if r["feasible"]]
-    level = 1
-    while left:
-        for r in pareto_front(left):
-            levels[id(r)] = level
-        left = [r for r in left if id(r) not in levels]
-        level += 1
-    return [levels.get(id(r)) for r in rows]
-
-
 def _float(metrics: dict, key: str) -> float | None:
     value = metrics.get(key)
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
@@ -388,8 +370,9 @@ def _float(metrics: dict, key: str) -> float | None:
 
 def trial_rows(client: MlflowClient, experiment: str) -> tuple[dict, list[dict]]:
     """From MLflow alone: the sweep's parent run (``{"run_id", "params", "metrics", "tags"}``)
-    and one row per trial run (``trial_id``, ``run_id``, ``status``, ``wmdp``, ``mmlu``,
-    ``feasible``, ``pareto``, ``pareto_rank``, ``params``, ``metrics``, ``tags``), oldest first."""
+    and one row per trial run (``trial_id``, ``run_id``, ``status``, ``forget_acc`` and
+    ``retain_acc`` (the ``wmdp`` and ``mmlu`` metrics), ``feasible``, ``pareto``,
+    ``pareto_rank``, ``params``, ``metrics``, ``tags``), oldest first."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
@@ -407,8 +390,8 @@ def trial_rows(client: MlflowClient, experiment: str) -> tuple[dict, list[dict]]
         tags, metrics = run.data.tags, run.data.metrics
         rows.append({
             "trial_id": tags.get("trial_id", run.info.run_name), "run_id": run.info.run_id,
-            "status": tags.get("status", "unknown"), "wmdp": _float(metrics, "wmdp"),
-            "mmlu": _float(metrics, "mmlu"), "feasible": tags.get("feasible") == "true",
+            "status": tags.get("status", "unknown"), "forget_acc": _float(metrics, "wmdp"),
+            "retain_acc": _float(metrics, "mmlu"), "feasible": tags.get("feasible") == "true",
             "pareto": tags.get("pareto") == "true",
             "pareto_rank": int(tags["pareto_rank"]) if tags.get("pareto_rank") else None,
             "params": dict(run.data.params), "metrics": dict(metrics), "tags": dict(tags)})
@@ -425,7 +408,7 @@ def update_front(tracker: Tracker) -> list[dict]:
     experiment = client.get_experiment(tracker.experiment_id).name
     parent, rows = trial_rows(client, experiment)
     done = [r for r in rows if r["status"] not in ("running", "unknown")]
-    scored = [r for r in done if r["wmdp"] is not None and r["mmlu"] is not None]
+    scored = [r for r in done if r["forget_acc"] is not None and r["retain_acc"] is not None]
     levels = pareto_levels(scored)
     rank_of = {id(r): level for r, level in zip(scored, levels)}
     for row in done:
@@ -436,13 +419,13 @@ def update_front(tracker: Tracker) -> list[dict]:
         if changed:
             client.log_batch(row["run_id"], tags=changed)
     front = [r for r in done if r["pareto"]]
-    front.sort(key=lambda r: (r["wmdp"], -r["mmlu"]))
+    front.sort(key=lambda r: (r["forget_acc"], -r["retain_acc"]))
     with tempfile.TemporaryDirectory() as tmp:
         png, page = Path(tmp) / "front.png", Path(tmp) / "front.html"
         plot_front_png(done, parent, png)
         page.write_text(plot_front_html(done, parent))
         (Path(tmp) / "front.json").write_text(json.dumps(
-            [{k: r[k] for k in ("trial_id", "run_id", "wmdp", "mmlu", "pareto_rank")}
+            [{k: r[k] for k in ("trial_id", "run_id", "forget_acc", "retain_acc", "pareto_rank")}
              for r in front], indent=1))
         for file in ("front.png", "front.html", "front.json"):
             client.log_artifact(tracker.parent_run_id, str(Path(tmp) / file), "pareto")
@@ -451,250 +434,10 @@ def update_front(tracker: Tracker) -> list[dict]:
     return front
 
 
-# --- plots ------------------------------------------------------------------------------------
-
-def _plot_frame(parent: dict) -> dict:
-    tags, metrics = parent["tags"], parent["metrics"]
-    forget, retain = tags.get("forget_task", "wmdp"), tags.get("retain_task", "mmlu")
-    floor = float(parent["params"].get("retain_floor", 0) or 0)
-    return {"forget": forget, "retain": retain, "floor": floor,
-            "baseline": (metrics.get(f"baseline/{forget}"), metrics.get(f"baseline/{retain}")),
-            "chance": (metrics.get(f"chance/{forget}"), metrics.get(f"chance/{retain}"))}
-
-
-def plot_front_png(rows: list[dict], parent: dict, path: Path) -> None:
-    """Every finished trial in the (forget accuracy, retain accuracy) plane: the front joined
-    by a step line, infeasible trials crossed, the unmodified model and chance marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    frame = _plot_frame(parent)
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
-    scored = [r for r in rows if r["wmdp"] is not None]
-    other = [r for r in scored if r["feasible"] and not r["pareto"]]
-    bad = [r for r in scored if not r["feasible"]]
-    front = sorted((r for r in scored if r["pareto"]), key=lambda r: r["wmdp"])
-    ax.scatter([r["wmdp"] for r in other], [r["mmlu"] for r in other], c="#7a8ca3",
-               label="trial")
-    ax.scatter([r["wmdp"] for r in bad], [r["mmlu"] for r in bad], c="#c0392b", marker="x",
-               label="infeasible (collapsed / diverged)")
-    if front:
-        ax.step([r["wmdp"] for r in front], [r["mmlu"] for r in front], where="post",
-                c="#1f77b4", alpha=0.6)
-        ax.scatter([r["wmdp"] for r in front], [r["mmlu"] for r in front], c="#1f77b4", s=60,
-                   edgecolors="black", label="Pareto front", zorder=3)
-        for r in front:
-            ax.annotate(r["trial_id"], (r["wmdp"], r["mmlu"]), fontsize=7,
-                        xytext=(4, -10), textcoords="offset points")
-    base_x, base_y = frame["baseline"]
-    if base_x is not None and base_y is not None:
-        ax.scatter([base_x], [base_y], marker="*", s=220, c="#f1c40f", edgecolors="black",
-                   label="unmodified model", zorder=4)
-    chance_x, chance_y = frame["chance"]
-    if chance_x is not None:
-        ax.axvline(chance_x, ls=":", c="gray", label="chance")
-    if chance_y is not None:
-        ax.axhline(chance_y, ls=":", c="gray")
-    if frame["floor"] > 0:
-        ax.axhline(frame["floor"], ls="--", c="#c0392b", lw=0.8, label="retain floor")
-    ax.set_xlabel(f"{frame['forget']} accuracy (lower is better)")
-    ax.set_ylabel(f"{frame['retain']} accuracy (higher is better)")
-    ax.set_title(f"{parent['tags'].get('sweep', '')}: {len(front)} on the front, "
-                 f"{len(scored)} scored trials")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_front_html(rows: list[dict], parent: dict) -> str:
-    """A self-contained page (inline SVG, no scripts to fetch: clusters are often offline): the
-    same plot as the PNG, every point with a tooltip of its settings and a link to its run, and
-    the front as a table."""
-    frame = _plot_frame(parent)
-    exp = parent.get("experiment_id", "")
-    width, height, pad = 720, 480, 60
-    sx = lambda v: pad + v * (width - 2 * pad)
-    sy = lambda v: height - pad - v * (height - 2 * pad)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             'font-family="sans-serif" font-size="11">',
-             f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" '
-             'fill="none" stroke="#999"/>']
-    for tick in (0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<text x="{sx(tick):.1f}" y="{height - pad + 16}" text-anchor="middle">'
-                     f'{tick:g}</text><text x="{pad - 8}" y="{sy(tick) + 4:.1f}" '
-                     f'text-anchor="end">{tick:g}</text>')
-    parts.append(f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">'
-                 f'{html.escape(frame["forget"])} accuracy (lower is better)</text>')
-    parts.append(f'<text x="15" y="{height / 2}" transform="rotate(-90 15 {height / 2})" '
-                 f'text-anchor="middle">{html.escape(frame["retain"])} accuracy '
-                 '(higher is better)</text>')
-    chance_x, chance_y = frame["chance"]
-    if chance_x is not None:
-        parts.append(f'<line x1="{sx(chance_x):.1f}" y1="{sy(0)}" x2="{sx(chance_x):.1f}" '
-                     f'y2="{sy(1)}" stroke="gray" stroke-dasharray="2,3"><title>chance '
-                     f'{chance_x:.3f}</title></line>')
-    if chance_y is not None:
-        parts.append(f'<line x1="{sx(0)}" y1="{sy(chance_y):.1f}" x2="{sx(1)}" '
-                     f'y2="{sy(chance_y):.1f}" stroke="gray" stroke-dasharray="2,3"><title>'
-                     f'chance {chance_y:.3f}</title></line>')
-    if frame["floor"] > 0:
-        parts.append(f'<line x1="{sx(0)}" y1="{sy(frame["floor"]):.1f}" x2="{sx(1)}" '
-                     f'y2="{sy(frame["floor"]):.1f}" stroke="#c0392b" stroke-dasharray="6,4">'
-                     f'<title>retain floor {frame["floor"]:g}</title></line>')
-    scored = [r for r in rows if r["wmdp"] is not None]
-    front = sorted((r for r in scored if r["pareto"]), key=lambda r: r["wmdp"])
-    if front:
-        points = []
-        for a, b in zip(front, front[1:] + [None]):
-            points.append(f"{sx(a['wmdp']):.1f},{sy(a['mmlu']):.1f}")
-            if b is not None:
-                points.append(f"{sx(b['wmdp']):.1f},{sy(a['mmlu']):.1f}")
-        parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="#1f77b4" '
-                     'stroke-opacity="0.6"/>')
-    space = [k[len("space."):] for k in parent["params"] if k.startswith("space.")]
-    for r in scored:
-        settings = ", ".join(f"{k}={r['params'].get(k)}" for k in space)
-        tip = html.escape(f"{r['trial_id']}: {frame['forget']} {r['wmdp']:.4f}, "
-                          f"{frame['retain']} {r['mmlu']:.4f}, {r['status']}"
-                          f"{', Pareto' if r['pareto'] else ''}; {settings}")
-        x, y = sx(r["wmdp"]), sy(r["mmlu"])
-        if not r["feasible"]:
-            shape = (f'<path d="M{x - 5:.1f},{y - 5:.1f}L{x + 5:.1f},{y + 5:.1f}M{x - 5:.1f},'
-                     f'{y + 5:.1f}L{x + 5:.1f},{y - 5:.1f}" stroke="#c0392b" stroke-width="2"/>')
-        else:
-            color = "#1f77b4" if r["pareto"] else "#7a8ca3"
-            size = 7 if r["pareto"] else 5
-            shape = (f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{size}" fill="{color}" '
-                     f'stroke="black" stroke-width="{1 if r["pareto"] else 0}"/>')
-        parts.append(f'<a href="/#/experiments/{exp}/runs/{r["run_id"]}" target="_top">'
-                     f'<g><title>{tip}</title>{shape}</g></a>')
-    base_x, base_y = frame["baseline"]
-    if base_x is not None and base_y is not None:
-        parts.append(f'<g><title>unmodified model: {base_x:.4f}, {base_y:.4f}</title><text '
-                     f'x="{sx(base_x):.1f}" y="{sy(base_y) + 7:.1f}" text-anchor="middle" '
-                     'font-size="22" fill="#f1c40f" stroke="black">&#9733;</text></g>')
-    parts.append("</svg>")
-    table = ["<table><tr><th>rank</th><th>trial</th><th>"
-             f"{html.escape(frame['forget'])}</th><th>{html.escape(frame['retain'])}</th>"
-             + "".join(f"<th>{html.escape(k)}</th>" for k in space) + "</tr>"]
-    for r in front:
-        table.append(f"<tr><td>{r['pareto_rank']}</td><td>{html.escape(r['trial_id'])}</td>"
-                     f"<td>{r['wmdp']:.4f}</td><td>{r['mmlu']:.4f}</td>"
-                     + "".join(f"<td>{html.escape(_number(r['params'].get(k)))}</td>"
-                               for k in space)
-                     + "</tr>")
-    table.append("</table>")
-    title = html.escape(f"Pareto front of {parent['tags'].get('sweep', '')}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
-            "body{font-family:sans-serif;margin:1em}td,th{padding:2px 8px;text-align:right}"
-            "</style></head><body>"
-            f"<h3>{title}</h3><p>{len(front)} of {len(scored)} scored trials on the front; "
-            "hover a point for its settings, click to open its run. Star: the unmodified model; "
-            "dotted: chance; dashed: the retain floor; crosses: infeasible.</p>"
-            + "".join(parts) + "".join(table) + "</body></html>")
-
-
-# --- the seed log's tables --------------------------------------------------------------------
-
-def _percent(value) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def _number(value) -> str:
-    if value is None or value == "":
-        return "-"
-    try:
-        number = float(value)
-    except ValueError:
-        return str(value)
-    if number.is_integer():
-        return str(int(number))
-    return f"{number:.3g}"
-
-
-def report_table(parent: dict, rows: list[dict]) -> tuple[list[str], list[dict]]:
-    """The seed log's columns (examples, epochs, steps, coefficients, learning rates, batch,
-    LoRA rank, final retain and forget loss, accuracy per eval task, notes) for the baseline
-    and every trial, front first; returns the header and one dict per row (raw values)."""
-    tasks = json.loads(parent["params"].get("eval_tasks", "[]"))
-    forget = parent["tags"].get("forget_task")
-    muon = any(r["params"].get("optim.name") == "muon" for r in rows)
-    lrs = ["muon_lr", "adam_lr"] if muon else ["lr"]
-    head = ["examples", "epochs", "steps", "retain_coef", "remove_coef", *lrs, "batch",
-            "LoRA rank", "retain_loss", "forget_loss",
-            *[f"{t} (↓)" if t == forget else t for t in tasks], "pareto", "notes"]
-    baseline = {h: None for h in head}
-    baseline |= {(f"{t} (↓)" if t == forget else t): parent["metrics"].get(f"baseline/{t}")
-                 for t in tasks}
-    baseline |= {"pareto": False, "notes": "Baseline (unmodified model)"}
-    out = [baseline]
-    order = sorted(rows, key=lambda r: (not r["pareto"], r["pareto_rank"] or 99,
-                                        r["wmdp"] if r["wmdp"] is not None else 2))
-    for r in order:
-        p, m = r["params"], r["metrics"]
-        lr_values = ({"muon_lr": p.get("optim.muon_lr"), "adam_lr": p.get("optim.adam_lr")}
-                     if muon else {"lr": p.get("optim.lr")})
-        notes = [r["trial_id"]]
-        if r["tags"].get("hand_tuned") == "true":
-            notes.append("hand-tuned base")
-        if r["pareto"]:
-            notes.append("Pareto front")
-        elif r["pareto_rank"]:
-            notes.append(f"front {r['pareto_rank']}")
-        if r["status"] not in ("ok",):
-            notes.append(r["status"])
-        if r["tags"].get("failure_reason"):
-            notes.append(r["tags"]["failure_reason"].splitlines()[0][:160])
-        row = {"examples": p.get("data.num_examples"), "epochs": p.get("batch.epochs"),
-               "steps": None if m.get("num_steps") is None else int(m["num_steps"]),
-               "retain_coef": p.get("loss.retain_coef"),
-               "remove_coef": p.get("loss.remove_coef"), **lr_values,
-               "batch": p.get("batch.global_batch"),
-               "LoRA rank": p.get("mode.lora_rank") if p.get("mode.kind") == "lora" else None,
-               "retain_loss": m.get("train/retain_loss"),
-               "forget_loss": m.get("train/forget_loss"),
-               **{(f"{t} (↓)" if t == forget else t): m.get(f"eval/{t}") for t in tasks},
-               "pareto": r["pareto"], "notes": "; ".join(notes)}
-        out.append(row)
-    return head, out
-
-
 def report(client: MlflowClient, experiment: str, fmt: str = "md") -> str:
-    """The experiment's table from MLflow alone, as ``md`` (the seed log's shape, Pareto rows'
-    accuracies in bold), ``csv`` or ``json``."""
-    formats = ("md", "csv", "json")
-    if fmt not in formats:
-        raise ValueError(f"format={fmt!r} is invalid: allowed one of {', '.join(formats)}")
+    """The experiment's table from MLflow alone (``report.render_report``: ``md``, ``csv`` or
+    ``json``)."""
+    if fmt not in REPORT_FORMATS:
+        raise ValueError(f"format={fmt!r} is invalid: allowed one of {', '.join(REPORT_FORMATS)}")
     parent, rows = trial_rows(client, experiment)
-    head, table = report_table(parent, rows)
-    if fmt == "json":
-        return json.dumps({"experiment": experiment, "columns": head, "rows": table}, indent=1)
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=head, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(table)
-        return buffer.getvalue().rstrip("\n")
-    accuracy = {h for h in head if h.endswith("(↓)") or h in
-                json.loads(parent["params"].get("eval_tasks", "[]"))}
-    lines = ["| " + " | ".join(h for h in head if h != "pareto") + " |",
-             "|" + "---|" * (len(head) - 1)]
-    for row in table:
-        cells = []
-        for h in head:
-            if h == "pareto":
-                continue
-            value = row[h]
-            if h in accuracy:
-                text = _percent(value)
-                cells.append(f"**{text}**" if row["pareto"] and value is not None else text)
-            elif h == "notes":
-                cells.append(str(value).replace("|", "/"))
-            else:
-                cells.append(_number(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return render_report(experiment, parent, rows, fmt)

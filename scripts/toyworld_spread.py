@@ -22,6 +22,7 @@ from pathlib import Path
 
 
 def main() -> int:
+    """Build the world with several seeds and print each check's margin."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])

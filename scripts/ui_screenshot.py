@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -34,12 +33,14 @@ COLUMNS = ("wmdp", "mmlu", "status", "pareto", "pareto_rank")
 
 
 def free_port() -> int:
+    """A free TCP port on localhost."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def wait_for(url: str, timeout: float) -> bool:
+    """Whether ``url`` answers within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -52,6 +53,7 @@ def wait_for(url: str, timeout: float) -> bool:
 
 
 def experiment_id(base: str, name: str) -> str:
+    """The MLflow experiment id of ``name`` on the server at ``base``."""
     query = urllib.parse.urlencode({"experiment_name": name})
     with urllib.request.urlopen(f"{base}/ajax-api/2.0/mlflow/experiments/get-by-name?{query}",
                                 timeout=30) as response:
@@ -111,6 +113,7 @@ def screenshot(chromium: str, base: str, exp: str, params: list[str], out: Path)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Screenshot the MLflow UI's runs table and front chart of an experiment."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment")
     parser.add_argument("out_dir")

@@ -1,4 +1,4 @@
-"""Sweep: FSDP2 + Muon across two GH200 nodes (8 GPUs per trial; the seed log's "FSDP2 + Muon"
+"""Sweep: FSDP2 + Muon across two GH200 nodes (8 GPUs per trial; the seed runs' "FSDP2 + Muon"
 table: 128-1,024 examples, muon_lr 0.02, adam_lr 3e-4, retain 5-400, remove 5; its runs ended in
 a collapsed MMLU, negative "L2" losses from a bad reduction, or failed saves). The base point is
 its 1,024-example row with the table's optimizer and objective (docs/method.md): Muon on AdamW's
@@ -11,8 +11,9 @@ retain weight from 0.25x.
 
 import sys
 
-from raylens.config import SEED_SETUP, SweepConfig, recipe, replace
-from raylens.search import sweep_main
+from raylens.cli import sweep_main
+from raylens.config import SweepConfig, replace
+from raylens.recipes import SEED_SETUP, recipe
 
 REAL_BASE = recipe("sft_muon", {**SEED_SETUP,
     "data.num_examples": 1024, "batch.per_device_batch": 1, "loss.retain_coef": 20.0,

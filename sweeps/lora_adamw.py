@@ -1,7 +1,7 @@
-"""Sweep: LoRA + AdamW (the seed log's best recipe: rank 16, retain 5, remove 5, lr 1e-3, 8,192
+"""Sweep: LoRA + AdamW (the seed runs' best recipe: rank 16, retain 5, remove 5, lr 1e-3, 8,192
 examples, 256 steps -> WMDP-Bio-Robust 23.16 %, MMLU 43.04 %).
 
-The log tried one point and one doubling of the data (which collapsed MMLU). Here Optuna searches
+The seed runs tried one point and one doubling of the data (which collapsed MMLU). Here Optuna searches
 the two coefficients and the lr around it on a log scale. The base point is that run with its own
 objective (docs/method.md, "The seed's objectives"): retain L2 over all 33 hidden states, averaged
 over every padded position, retain weight ramping from 0.
@@ -12,8 +12,9 @@ over every padded position, retain weight ramping from 0.
 
 import sys
 
-from raylens.config import SEED_SETUP, SweepConfig, recipe, replace
-from raylens.search import sweep_main
+from raylens.cli import sweep_main
+from raylens.config import SweepConfig, replace
+from raylens.recipes import SEED_SETUP, recipe
 
 REAL_BASE = recipe("lora_adamw", {**SEED_SETUP,
     "data.num_examples": 8192, "batch.per_device_batch": 4, "loss.retain_coef": 5.0,

@@ -1,6 +1,6 @@
-"""Sweep: full fine-tuning with AdamW (the seed log's "SFT + AdamW" table).
+"""Sweep: full fine-tuning with AdamW (the seed runs' "SFT + AdamW" table).
 
-The log searched retain_coef 15-500, remove_coef 1-20 and lr 1e-5-5e-4 by hand, one axis at a
+The seed runs searched retain_coef 15-500, remove_coef 1-20 and lr 1e-5-5e-4 by hand, one axis at a
 time, at 1,024 examples (32 steps, global batch 32, warmup 0.5) and found only collapsed or
 unchanged models. Here Optuna searches all three on a log scale against both objectives. The base
 point is the table's best-balanced row (retain 200, remove 1, lr 5e-4) with the table's objective
@@ -12,8 +12,9 @@ point is the table's best-balanced row (retain 200, remove 1, lr 5e-4) with the 
 
 import sys
 
-from raylens.config import SEED_SETUP, SweepConfig, recipe
-from raylens.search import demo_sweep, sweep_main
+from raylens.cli import sweep_main
+from raylens.config import SweepConfig
+from raylens.recipes import SEED_SETUP, demo_sweep, recipe
 
 REAL_BASE = recipe("sft_adamw", {**SEED_SETUP,
     "data.num_examples": 1024, "batch.per_device_batch": 2, "loss.retain_coef": 200.0,

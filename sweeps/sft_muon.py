@@ -1,5 +1,5 @@
 """Sweep: full fine-tuning with Muon for the blocks' matrices and AdamW for the rest (the seed
-log's "SFT + Muon" table: 1,024 examples, 32 steps, muon_lr 1e-3, adam_lr 3e-4, retain 1-3,
+runs' "SFT + Muon" table: 1,024 examples, 32 steps, muon_lr 1e-3, adam_lr 3e-4, retain 1-3,
 remove 0.5-2, every point either collapsed MMLU or barely unlearned). The base point is its best-MMLU
 row with the table's optimizer and objective (docs/method.md): Muon's lr on AdamW's scale
 (``match_rms_adamw``), AdamW betas (0.9, 0.95), the retain KL summed per sequence, retain weight
@@ -11,8 +11,9 @@ ramping from 0.
 
 import sys
 
-from raylens.config import SEED_SETUP, SweepConfig, recipe, replace
-from raylens.search import sweep_main
+from raylens.cli import sweep_main
+from raylens.config import SweepConfig, replace
+from raylens.recipes import SEED_SETUP, recipe
 
 REAL_BASE = recipe("sft_muon", {**SEED_SETUP,
     "data.num_examples": 1024, "batch.per_device_batch": 2, "loss.retain_coef": 1.5,

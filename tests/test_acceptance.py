@@ -20,7 +20,7 @@ def test_bounds_hold_and_measure_their_margin_against_the_worlds_baseline():
 
 
 def test_every_check_names_a_recipe_and_bounds_a_toy_task():
-    from raylens.config import recipe
+    from raylens.recipes import recipe
 
     assert len({c.name for c in CHECKS}) == len(CHECKS) == 5
     for item in CHECKS:

@@ -72,6 +72,7 @@ def test_bad_arguments_fail_fast_naming_the_field(args, field, here, tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.integration
 def test_unlearn_runs_evaluates_and_exports(world, tmp_path):
     out = raylens("unlearn", "--recipe", "sft_muon", "--set", "data.num_examples=64",
                   "--set", "loss.retain_coef=2", "--set", "batch.epochs=1",
@@ -126,6 +127,7 @@ def test_builtin_task_without_its_dataset_fails_naming_the_task(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.any_world
 def test_unlearn_with_two_ray_workers(world, tmp_path):
     out = raylens("unlearn", "--recipe", "lora_adamw", "--workers", "2",
@@ -147,6 +149,7 @@ def test_workers_that_do_not_divide_the_batch_are_rejected(tmp_path):
            "scaling.num_workers = 64" in out.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -172,6 +175,7 @@ def test_out_folder_rules_for_new_and_resumed_runs(here, tmp_path):
     assert out.returncode == 2 and "holds a finished run" in out.stderr
 
 
+@pytest.mark.integration
 def test_eval_fast_scorer_matches_lm_eval_from_the_command_line(world, tmp_path):
     fast = raylens("eval", "--model", "toy-control", "--scorer", "fast", "--json", cwd=tmp_path)
     slow = raylens("eval", "--model", "toy-control", "--json", cwd=tmp_path)

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from raylens import cluster
-from raylens.config import ConfigError, SweepConfig, recipe, url_password
+from raylens.config import ConfigError, SweepConfig, url_password
+from raylens.recipes import recipe
 
 
 def _node(tmp_path, node_ip="10.0.0.3", shared="shared") -> cluster.Node:

@@ -3,15 +3,29 @@
 import pytest
 
 from raylens.config import (
-    AttackConfig, BatchConfig, ConfigError, DataConfig, EvalConfig, LossConfig, ModeConfig,
-    ModelConfig, OptimConfig, ScalingConfig, ToyWorldConfig, TrackingConfig, UnlearnConfig,
-    from_flat, replace, to_flat,
+    BatchConfig,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    LensConfig,
+    LossConfig,
+    ModeConfig,
+    ModelConfig,
+    OptimConfig,
+    ScalingConfig,
+    ToyWorldConfig,
+    TrackingConfig,
+    UnlearnConfig,
+    from_flat,
+    replace,
+    to_flat,
 )
 
 MALFORMED = [
     (lambda: ModelConfig(name_or_path=""), "model.name_or_path"),
     (lambda: ModelConfig(dtype="fp8"), "model.dtype"),
-    (lambda: LensConfig_(name_or_path="  "), "lens.name_or_path"),
+    (lambda: ModelConfig(gradient_checkpointing="yes"), "model.gradient_checkpointing"),
+    (lambda: LensConfig(name_or_path="  "), "lens.name_or_path"),
     (lambda: DataConfig(num_examples=0), "data.num_examples"),
     (lambda: DataConfig(max_length=-5), "data.max_length"),
     (lambda: DataConfig(forget_fields=()), "data.forget_fields"),
@@ -48,8 +62,6 @@ MALFORMED = [
     (lambda: ScalingConfig(max_failures=-2), "scaling.max_failures"),
     (lambda: EvalConfig(tasks=("toy_wmdp", "hellaswag")), "eval.tasks"),
     (lambda: EvalConfig(time_limit_s=0), "eval.time_limit_s"),
-    (lambda: AttackConfig(eval_every=0), "attack.eval_every"),
-    (lambda: AttackConfig(enabled=True), "attack.enabled"),
     (lambda: TrackingConfig(experiment=""), "tracking.experiment"),
     (lambda: UnlearnConfig(mode=ModeConfig(kind="lora"), optim=OptimConfig(name="muon")), "optim.name"),
     (lambda: UnlearnConfig(batch=BatchConfig(global_batch=30, per_device_batch=8)), "batch.global_batch"),
@@ -62,16 +74,6 @@ MALFORMED = [
     (lambda: from_flat(UnlearnConfig, {"optim.lr": "fast"}), "optim.lr"),
     (lambda: from_flat(UnlearnConfig, {"scaling.use_gpu": "maybe"}), "scaling.use_gpu"),
 ]
-
-
-def LensConfig_(**kw):
-    from raylens.config import LensConfig
-
-    return LensConfig(**kw)
-
-
-def test_enough_malformed_cases():
-    assert len(MALFORMED) >= 15
 
 
 @pytest.mark.parametrize("make, field", MALFORMED, ids=[f for _, f in MALFORMED])
@@ -87,6 +89,15 @@ def test_malformed_config_names_field(make, field):
 def test_error_names_value_and_allowed():
     with pytest.raises(ConfigError, match=r"optim\.name='sgd' is invalid: allowed one of 'adamw', 'muon'"):
         OptimConfig(name="sgd")
+    # a range declared with the field, a choice declared by its Literal type, a cross-field rule
+    with pytest.raises(ConfigError, match=r"^optim\.lr=0\.0 is invalid: allowed a positive number$"):
+        OptimConfig(lr=0.0)
+    with pytest.raises(ConfigError, match=r"^loss\.retain_reduction='mean' is invalid: allowed one of "
+                       r"'token', 'sequence', 'padded_position'$"):
+        LossConfig(retain_reduction="mean")
+    with pytest.raises(ConfigError, match=r"^toyworld\.hidden_size=100 is invalid: allowed a multiple "
+                       r"of num_heads=3$"):
+        ToyWorldConfig(hidden_size=100, num_heads=3)
 
 
 def test_defaults_are_valid_and_accumulation_is_derived():

@@ -6,8 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raylens.config import recipe
-from raylens.train import fit_on_ray, save_run, train
+from raylens.ray_train import fit_on_ray
+from raylens.recipes import recipe
+from raylens.train import save_run, train
+
+pytestmark = pytest.mark.integration  # Ray Train worker groups: make test-integration
 
 
 @pytest.fixture(scope="module")
@@ -184,19 +187,15 @@ def test_failed_run_resumes_when_started_again_with_its_name(world, ray_local, u
 def test_in_trial_eval_of_sharded_model_equals_lm_eval_of_the_export(world, uninterrupted):
     """The fast scorer on the live FSDP2-sharded model (questions split over both ranks) gives
     lm-eval's accuracy and per-question predictions on the exported folder, in one process."""
-    from lm_eval import simple_evaluate
-
-    from raylens.evaluate import hf_lm, task_manager
-    from raylens.model import load_model
     from raylens.config import ModelConfig
+    from raylens.evaluate import hf_lm, lm_eval_0shot, task_manager
+    from raylens.model import load_model
 
     live = uninterrupted["report"]["eval"]
     assert uninterrupted["report"]["eval_error"] is None and set(live) == {"toy_wmdp", "toy_mmlu"}
     model, tokenizer = load_model(ModelConfig(name_or_path=str(uninterrupted["folder"])))
-    out = simple_evaluate(model=hf_lm(model, tokenizer), tasks=list(live), num_fewshot=0,
-                          task_manager=task_manager(tuple(live), world.root), log_samples=True,
-                          random_seed=None, numpy_random_seed=None, torch_random_seed=None,
-                          fewshot_random_seed=None)
+    out = lm_eval_0shot(hf_lm(model, tokenizer), tuple(live),
+                        task_manager(tuple(live), world.root), log_samples=True)
     for task, scores in live.items():
         samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
         expected = [max(range(4), key=lambda j: (s["filtered_resps"][j][0], -j)) for s in samples]

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ranks import run_ranks
+
 from raylens import toyworld as tw
-from raylens.config import ToyWorldConfig, recipe
+from raylens.config import ToyWorldConfig
+from raylens.recipes import recipe
 
 WORLD = ToyWorldConfig(num_entities=8, num_docs=64, hidden_size=32, num_layers=2, num_heads=2,
                        train_steps=15, train_batch=8, lens_steps=10, build_threads=1)

@@ -15,9 +15,10 @@ import os
 
 import pytest
 import torch
-
-from raylens.config import recipe
 from ranks import run_ranks
+
+from raylens.recipes import recipe
+
 
 def _nccl_like_collectives(rank, world):
     import torch.distributed as dist
@@ -47,11 +48,9 @@ def test_raylens_collectives_work_in_a_group_without_a_cpu_backend():
 def _eval_with_limits(rank, world, root, limits):
     import torch.distributed as dist
 
-    from raylens.config import EvalConfig
-    from raylens.evaluate import EvalError
+    from raylens.config import EvalConfig, ModelConfig
+    from raylens.evaluate import EvalError, evaluate_live
     from raylens.model import load_model
-    from raylens.config import ModelConfig
-    from raylens.train import evaluate_live
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model, tokenizer = load_model(ModelConfig(), toyworld=root)
@@ -74,7 +73,7 @@ def test_eval_time_limit_is_decided_by_all_ranks_together(world):
 
 
 def test_parameter_digest_reads_bf16_bytes_and_tells_one_ulp_apart():
-    from raylens.train import parameter_digest
+    from raylens.parallel import parameter_digest
 
     model = torch.nn.Linear(4, 3).to(torch.bfloat16)
     before = parameter_digest(model)
@@ -90,6 +89,7 @@ def _block_matrices(model) -> dict[str, torch.Tensor]:
             if p.ndim == 2 and ".layers." in n}
 
 
+@pytest.mark.integration
 def test_small_lr_updates_survive_a_bf16_model_and_the_reference_never_changes(world, tmp_path):
     """64 AdamW steps at lr 1e-5 (sft_adamw). From a checkpoint stored in bf16 and trained with
     model.dtype=bfloat16, the same share of block-matrix entries changes as from the fp32
@@ -146,6 +146,7 @@ def test_small_lr_updates_survive_a_bf16_model_and_the_reference_never_changes(w
     assert moved > 0.5 * shares["bfloat16"], (moved, shares)
 
 
+@pytest.mark.integration
 def test_the_training_device_is_the_gpu_ray_assigned_not_the_local_rank(tmp_path):
     """Two Ray Train workers with one (declared) GPU each, on a node whose GPUs 0 and 1 another
     job holds. Ray Train makes the node's assigned GPUs visible to both workers; each must train
@@ -156,13 +157,13 @@ def test_the_training_device_is_the_gpu_ray_assigned_not_the_local_rank(tmp_path
     from ray.train.torch import TorchConfig, TorchTrainer
 
     def loop(_):  # defined here, so Ray ships it by value
-        from raylens.train import _device
+        from raylens.parallel import device_for
 
         gpu = str(ray.get_gpu_ids()[0])
         visible = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
         os.environ["LOCAL_RANK"] = str(1 - visible.index(gpu))
         torch.cuda.is_available = lambda: True  # no CUDA here; Ray's own lookup is real
-        device = _device(recipe("sft_adamw", {"scaling.use_gpu": True}))
+        device = device_for(recipe("sft_adamw", {"scaling.use_gpu": True}))
         (tmp_path / f"gpu{gpu}.json").write_text(json.dumps([visible, str(device)]))
 
     ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)

@@ -5,23 +5,27 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+from tiny import tiny_neox
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from tuned_lens.nn import TunedLens
 
 from raylens.data import collate
 from raylens.lens import load_lens
 from raylens.losses import (
-    batch_targets, example_targets, forget_token_loss, lens_logits, loss_weights,
-    retain_kl_token_loss, retain_l2_token_loss,
+    batch_targets,
+    example_targets,
+    forget_token_loss,
+    lens_logits,
+    loss_weights,
+    retain_kl_token_loss,
+    retain_l2_token_loss,
 )
 from raylens.optim import lr_factor
 
 
-def tiny_model(vocab=11, d=8, layers=3, seed=0):
-    torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=16, max_position_embeddings=64)
-    return GPTNeoXForCausalLM(cfg).eval()
+def tiny_model(seed=0):
+    return tiny_neox(vocab=11, hidden=8, layers=3, seed=seed, intermediate=16,
+                     positions=64).eval()
 
 
 @pytest.fixture(scope="module")

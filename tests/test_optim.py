@@ -4,18 +4,10 @@ import copy
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from tiny import tiny_neox
 
 from raylens.config import OptimConfig
 from raylens.optim import build_optimizers, param_groups
-
-
-def tiny_neox(layers=2):
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=50, hidden_size=16, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
-                        tie_word_embeddings=False)
-    return GPTNeoXForCausalLM(cfg)
 
 
 def test_muon_receives_exactly_the_hidden_matrices():
@@ -100,14 +92,14 @@ def test_seed_muon_convention_scales_each_matrix_step_by_its_shape():
 
 
 def test_muon_recipes_use_the_seed_optimizer():
-    from raylens.config import recipe
+    from raylens.recipes import recipe
 
     optim = recipe("sft_muon").optim
     assert optim.muon_adjust_lr == "match_rms_adamw" and optim.adam_betas == (0.9, 0.95)
 
 
 def test_muon_runs_log_muons_lr_and_adamws_beside_it(world):
-    from raylens.config import recipe
+    from raylens.recipes import recipe
     from raylens.train import train
 
     config = recipe("sft_muon", {"data.num_examples": 64, "batch.epochs": 1,

@@ -49,7 +49,7 @@ from raylens.config import DataConfig, EvalConfig, ModelConfig
 from raylens.data import load_texts
 from raylens.lens import load_lens
 from raylens.model import checkpoint_dtype, load_model, load_model_config
-from raylens.train import _eval_questions
+from raylens.evaluate import eval_questions
 model_config = ModelConfig(name_or_path="EleutherAI/deep-ignorance-unfiltered")
 model, tokenizer = load_model(model_config)
 lens = load_lens(model, "EleutherAI/deep-ignorance-unfiltered-lens")
@@ -60,7 +60,7 @@ shuffled = datasets.load_dataset("EleutherAI/wikitext_document_level", "wikitext
                                  split="train").shuffle(seed=42)["page"][:16]
 plain = datasets.load_dataset("EleutherAI/wikitext_document_level", "wikitext-103-raw-v1",
                               split="train")["page"][:16]
-questions = _eval_questions(EvalConfig(tasks=("wmdp_bio_robust", "wmdp_bio", "mmlu")),
+questions = eval_questions(EvalConfig(tasks=("wmdp_bio_robust", "wmdp_bio", "mmlu")),
                             tokenizer, None, model.config)
 robust = datasets.load_dataset("EleutherAI/wmdp_bio_robust_mcqa", "dual_use_virology")
 print(json.dumps({
@@ -75,6 +75,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.integration
 def test_every_real_hub_id_loads_offline_from_the_rehearsal_cache(cache, tmp_path):
     out = _python(LOAD_EVERYTHING, cache, tmp_path)
     assert (out["layers"], out["vocab"], out["translators"]) == (32, 50304, 32)

@@ -8,8 +8,17 @@ import torch
 
 from raylens import toyworld as tw
 from raylens.evaluate import (
-    EvalError, _leaf_tasks, accuracy, choice_logliks, hf_lm, load_questions, predictions, shard,
-    subset_indices, task_manager,
+    EvalError,
+    _leaf_tasks,
+    accuracy,
+    choice_logliks,
+    hf_lm,
+    lm_eval_0shot,
+    load_questions,
+    predictions,
+    shard,
+    subset_indices,
+    task_manager,
 )
 
 CATEGORIES = tw.WMDP_BIO_ROBUST_CATEGORIES
@@ -62,34 +71,31 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def models(world):
-    """The toy world's main model and a random-weight GPT-NeoX shaped like Pythia-70M (512 wide,
-    6 layers, 8 heads, 50,304-token unembedding), both with the toy tokenizer."""
+    """The toy world's main model and a random-weight GPT-NeoX with Pythia's 50,304-token
+    unembedding (the point: a real vocabulary's log-softmax and packed scoring) on a narrow body
+    (64 wide, 2 layers, 4 heads: the body adds nothing to the per-question check), both with the
+    toy tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(world.model)
     toy = AutoModelForCausalLM.from_pretrained(world.model).eval()
     torch.manual_seed(0)
-    shape = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6,
-                          num_attention_heads=8, intermediate_size=2048, rotary_pct=0.25,
+    shape = GPTNeoXConfig(vocab_size=50304, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=256, rotary_pct=0.25,
                           max_position_embeddings=2048, bos_token_id=tokenizer.eos_token_id,
                           eos_token_id=tokenizer.eos_token_id)
-    random70m = GPTNeoXForCausalLM(shape).eval()
-    return {"toy": toy, "random70m": random70m}, tokenizer
+    big_vocab = GPTNeoXForCausalLM(shape).eval()
+    return {"toy": toy, "big_vocab": big_vocab}, tokenizer
 
 
 def _lm_eval_logliks(model, tokenizer, tasks, manager) -> dict:
     """``{(subtask, doc_id): [loglik per choice]}`` from lm-eval's logged samples."""
-    from lm_eval import simple_evaluate
-
-    out = simple_evaluate(model=hf_lm(model, tokenizer, 32), tasks=list(tasks), num_fewshot=0,
-                          task_manager=manager, log_samples=True, random_seed=None,
-                          numpy_random_seed=None, torch_random_seed=None,
-                          fewshot_random_seed=None)
+    out = lm_eval_0shot(hf_lm(model, tokenizer, 32), tasks, manager, log_samples=True)
     return {(subtask, s["doc_id"]): [r[0] for r in s["filtered_resps"]]
             for subtask, samples in out["samples"].items() for s in samples}
 
 
-@pytest.mark.parametrize("name", ["toy", "random70m"])
+@pytest.mark.parametrize("name", ["toy", "big_vocab"])
 def test_fast_scorer_matches_lm_eval_on_every_question(name, models, world, robust_snapshot,
                                                        phrase_task):
     all_models, tokenizer = models

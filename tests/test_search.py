@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from raylens.config import ConfigError, SweepConfig, recipe, to_flat
-from raylens.search import objectives, pareto_front
+from raylens.config import ConfigError, SweepConfig, to_flat
+from raylens.pareto import beaten_by, dominates, pareto_front
+from raylens.recipes import recipe
+from raylens.search import objectives
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,12 +40,14 @@ def test_objectives_mark_diverged_and_collapsed_trials_infeasible():
 
 
 def test_pareto_front_keeps_undominated_feasible_rows_only():
-    rows = [{"id": i, "wmdp": w, "mmlu": m, "feasible": f} for i, (w, m, f) in enumerate([
+    rows = [{"id": i, "forget_acc": w, "retain_acc": m, "feasible": f} for i, (w, m, f) in enumerate([
         (0.30, 0.90, True), (0.35, 0.95, True), (0.32, 0.89, True),  # 2 dominated by 0
         (0.25, 0.50, False),  # collapsed: lowest wmdp, never on the front
         (0.30, 0.90, True),   # a tie with 0: both stay
         (1.00, 1.00, True)])]
     assert [r["id"] for r in pareto_front(rows)] == [0, 4, 1, 5]
+    assert dominates(rows[0], rows[2]) and not dominates(rows[0], rows[4])  # a tie: neither
+    assert [r["id"] for r in beaten_by(rows[2], rows)] == [0, 4]  # not 3: infeasible
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -124,7 +128,7 @@ def test_cluster_yaml_validates_offline_with_rays_own_schema():
         validate_config(prepare_config(broken))
 
 
-def test_cluster_yaml_avoids_the_launch_blockers_the_audit_found():
+def test_cluster_yaml_avoids_the_known_launch_blockers():
     """What stopped ``ray up`` before: a mount outside the SSH user's home (rsynced before any
     command can create it), the whole tree shipped (.venv included), token auth without a
     token, a ``pkill -f`` matching its own shell, addresses written outside ``provider``. The
@@ -181,6 +185,7 @@ def _demo(args, cwd, **kwargs):
                             start_new_session=True, **kwargs)
 
 
+@pytest.mark.integration
 @pytest.mark.any_world  # its one build-sensitive check (fast scorer = lm-eval on the unmodified
 # model) is test_scorer's per-question agreement on that model, which the fresh world reruns
 def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tmp_path):
@@ -189,7 +194,8 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tm
     trial appears once, and Optuna's Pareto front is the one computed from Tune's results."""
     import optuna
 
-    from raylens.search import demo_sweep, optuna_front, paths
+    from raylens.recipes import demo_sweep
+    from raylens.search import optuna_front, paths
 
     args = ["--name", "killed", "--trials", "4", "--storage", str(tmp_path / "runs"),
             "--set", "data.num_examples=256"]
@@ -227,7 +233,9 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tm
     assert sorted(t.user_attrs["tune_trial_id"] for t in complete) == sorted(results)
     tune_front = sorted(tid for tid, r in results.items()
                         if r["feasible"] and tid in {x["trial_id"] for x in pareto_front(
-                            [{**v, "trial_id": k} for k, v in results.items()])})
+                            [{"forget_acc": v["wmdp"], "retain_acc": v["mmlu"],
+                              "feasible": v["feasible"], "trial_id": k}
+                             for k, v in results.items()])})
     assert optuna_front(sweep) == tune_front
     pareto_lines = [line for line in table if line.startswith("| * |")]
     assert len(pareto_lines) == len(tune_front) >= 1
@@ -253,7 +261,7 @@ def _check_mlflow(db: Path, results: dict, optuna_best: list[str], baseline: dic
         result = results[row["trial_id"]]
         assert client.get_run(row["run_id"]).info.status == "FINISHED"
         assert row["params"]["optim.lr"] == str(result["param/optim.lr"])
-        assert row["metrics"]["eval/toy_wmdp"] == result["acc/toy_wmdp"] == row["wmdp"]
+        assert row["metrics"]["eval/toy_wmdp"] == result["acc/toy_wmdp"] == row["forget_acc"]
         steps = [m.step for m in client.get_metric_history(row["run_id"], "train/loss")]
         assert steps == list(range(1, result["num_steps"] + 1))
         artifacts = {a.path for a in client.list_artifacts(row["run_id"])}
@@ -283,6 +291,7 @@ print(json.dumps({"gcs": ray.get_runtime_context().gcs_address,
 """
 
 
+@pytest.mark.integration
 def test_a_sweep_on_a_running_head_without_ray_address_joins_it(tmp_path):
     """As ``ray submit`` runs a sweep file on the head: a head started by ``ray start --head``,
     no RAY_ADDRESS in the environment. The sweep joins that head (it used to pass its own
@@ -340,6 +349,7 @@ def test_finished_trials_drop_checkpoints_and_front_retention_drops_dominated_ex
     assert (where.trials / "dominated" / "history.jsonl").exists()  # the record stays
 
 
+@pytest.mark.integration
 @pytest.mark.any_world
 def test_trials_run_on_a_node_that_joins_mid_sweep(world, tmp_path):
     """Concurrency follows the TRAIN_DRIVER slots as nodes join, not the slots seen at submit
@@ -352,7 +362,8 @@ def test_trials_run_on_a_node_that_joins_mid_sweep(world, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from raylens.search import DRIVER_RESOURCE, demo_sweep, run_sweep
+    from raylens.recipes import demo_sweep
+    from raylens.search import DRIVER_RESOURCE, run_sweep
 
     cluster = Cluster(initialize_head=True, connect=True, head_node_args={
         "num_cpus": 1, "resources": {DRIVER_RESOURCE: 1}, "include_dashboard": False})

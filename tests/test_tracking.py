@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,10 +20,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ranks import free_port
 
 from raylens import tracking
 from raylens.config import replace
-from raylens.search import demo_sweep, objectives
+from raylens.recipes import demo_sweep
+from raylens.search import objectives
 
 REPO = Path(__file__).resolve().parents[1]
 POINTS = {  # trial id -> (toy_wmdp, toy_mmlu); the demo's retain floor is 0.6
@@ -178,15 +179,14 @@ def test_step_logger_does_not_log_a_step_twice_after_a_restart(tmp_path):
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 9))
 
 
+@pytest.mark.integration
 def test_raylens_report_and_ui_serve_the_experiment(store):
     uri = store["tracker"].uri
     out = subprocess.run([sys.executable, "-m", "raylens.cli", "report", "tracked", "--uri", uri,
                           "--format", "csv"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0].startswith("examples,epochs,steps,")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "raylens.cli", "ui", "--uri", uri,
                                "--port", str(port)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -254,7 +254,7 @@ def _dashboard_metrics(dashboard: dict) -> set[str]:
 
 
 def test_grafana_dashboard_is_valid_and_names_only_exported_metrics():
-    from raylens.train import RayStepMetrics
+    from raylens.ray_train import RayStepMetrics
 
     dashboard = json.loads((REPO / "dashboards" / "grafana-raylens.json").read_text())
     assert dashboard["uid"] and dashboard["title"] and isinstance(dashboard["schemaVersion"], int)
@@ -276,7 +276,7 @@ def test_grafana_dashboard_is_valid_and_names_only_exported_metrics():
 PROBE = """
 import json, socket, sys, time, urllib.request
 import ray
-from raylens.train import RayStepMetrics
+from raylens.ray_train import RayStepMetrics
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
 ray.init(num_cpus=1, _metrics_export_port=port, include_dashboard=True, log_to_driver=False)
@@ -301,18 +301,20 @@ print(json.dumps(found))
 """
 
 
+@pytest.mark.integration
 def test_ray_exports_the_training_metrics_under_the_dashboards_names():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                          timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
-    from raylens.train import RayStepMetrics
+    from raylens.ray_train import RayStepMetrics
 
     assert set(found) == {f"ray_raylens_{name}" for name in RayStepMetrics.NAMES}
     assert found["ray_raylens_step"] == 3 and found["ray_raylens_tokens_per_s"] == 1234.0
 
 
+@pytest.mark.integration
 @pytest.mark.any_world
 def test_a_sweep_whose_trials_fail_records_each_failure_with_its_reason(world, tmp_path):
     """Every trial's evaluation runs out of time (eval.time_limit_s=0.001): the trials are

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from raylens.config import recipe
 from raylens.evaluate import evaluate_folder, hf_lm, run_lm_eval
+from raylens.recipes import recipe
 from raylens.train import save_run, train
 
 QUIET = dict(log=lambda *_: None)
@@ -99,7 +99,7 @@ def test_interrupted_run_resumes_to_the_same_weights(world, tmp_path, name):
     """Stop after step 5 (checkpoint at 4), rerun: the resumed run repeats step 5 from the
     checkpoint's weights, optimizer state, schedule and RNG (LoRA dropout draws from it) and ends
     bit-identical to a run that was never stopped."""
-    from raylens.train import FolderCheckpoints
+    from raylens.checkpoint import FolderCheckpoints
 
     config = recipe(name, {"data.num_examples": 64, "batch.epochs": 3,
                            "batch.per_device_batch": 16, "scaling.checkpoint_every": 2,

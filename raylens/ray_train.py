@@ -1,0 +1,117 @@
+"""One unlearning run as a Ray Train job: ``fit_on_ray`` starts ``scaling.num_workers`` workers
+(gloo on CPU, NCCL on GPUs), each of which calls ``train.run`` with Ray's checkpoint store, and
+rank 0 exports; Ray restarts a failed worker group from the last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from raylens.checkpoint import RayCheckpoints
+from raylens.collectives import all_gather, rank_and_world
+from raylens.config import UnlearnConfig, from_flat, to_flat
+from raylens.tracking import STEP_METRICS
+from raylens.train import run, without_predictions
+
+DRIVER_RESOURCE = "TRAIN_DRIVER"
+"""Custom resource a trial's driver holds (one per trial): each node declares how many trials it
+hosts at once by how many of these it offers."""
+
+
+def connect_ray(*, driver_slots: float | None = None) -> None:
+    """The one way raylens reaches Ray: join the running cluster (``RAY_ADDRESS``, or the head
+    this node belongs to, as ``ray submit`` and ``ray job submit`` leave it); only when there is
+    none, start a local instance. ``driver_slots``: a sweep's local instance offers that many
+    ``TRAIN_DRIVER`` slots (one per concurrent trial), its dashboard on 127.0.0.1 and no worker
+    logs on the console (each trial's log is in its folder)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:  # a cluster's own resources are its nodes' business: never pass any when joining
+        ray.init(address="auto")
+        return
+    except ConnectionError:
+        if os.environ.get("RAY_ADDRESS"):
+            raise  # the cluster named is not there: starting a local one would hide that
+    if driver_slots is None:
+        ray.init()
+    else:
+        ray.init(resources={DRIVER_RESOURCE: driver_slots}, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=False)
+
+
+class RayStepMetrics:
+    """Each step's record as Prometheus gauges through ``ray.util.metrics``: Ray exports them
+    as ``ray_raylens_<name>`` tagged with ``run`` (the Ray Train run name: the trial id), which
+    the Grafana dashboard in ``dashboards/`` plots beside Ray's own metrics."""
+
+    NAMES = ("step", *STEP_METRICS)
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {name: Gauge(f"raylens_{name}", tag_keys=("run",),
+                                   description=f"raylens training: {name} of the latest step")
+                       for name in self.NAMES}
+
+    def __call__(self, record: dict) -> None:
+        """Set every gauge to the record's value (non-finite values are skipped)."""
+        for name, gauge in self.gauges.items():
+            value = record.get(name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                gauge.set(float(value), tags=self.tags)
+
+
+def _ray_worker(loop_config: dict) -> None:
+    """One Ray Train worker: ``train.run`` (resuming from Ray's latest checkpoint, if any), with
+    each step's metrics as Prometheus gauges and the node each rank ran on in the report; Ray's
+    result store gets the report without per-question predictions (they stay in the file)."""
+    import ray.train
+    import ray.util
+
+    config = from_flat(UnlearnConfig, loop_config["config"])
+    toyworld = Path(loop_config["toyworld"]) if loop_config["toyworld"] else None
+    rank, _ = rank_and_world()
+    nodes = all_gather(ray.util.get_node_ip_address())  # where each rank ran
+    report = run(config, Path(loop_config["out"]), toyworld=toyworld,
+                 log=print if rank == 0 else (lambda *_: None), checkpoints=RayCheckpoints(),
+                 on_step=RayStepMetrics(loop_config["name"]) if rank == 0 else None,
+                 mlflow_run=tuple(loop_config["mlflow"]) if loop_config.get("mlflow") else None,
+                 evaluate=loop_config.get("evaluate", True), extra={"node_per_rank": nodes})
+    ray.train.report({**report, "eval": without_predictions(report["eval"])})
+
+
+def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
+               toyworld: Path | None = None, name: str = "unlearn",
+               evaluate: bool = True, mlflow_run: tuple[str, str] | None = None) -> dict:
+    """Run ``train`` as ``scaling.num_workers`` Ray Train workers (gloo on CPU, NCCL on GPUs);
+    rank 0 exports to ``out`` with ``history.jsonl`` and ``train_report.json`` (the last step's
+    metrics, every rank's parameter digest and memory, the step it resumed from, and with
+    ``evaluate`` the fast scorer's results on the live model or the error that stopped it),
+    which this returns. Checkpoints go to ``storage_path/name``: a failed worker group is restarted from the
+    last one up to ``scaling.max_failures`` times, and a new call with the same ``name`` and
+    ``storage_path`` continues an interrupted run. ``mlflow_run``: ``(tracking uri, run id)``
+    that rank 0 logs each step's metrics to; every run exports them to Ray's Prometheus metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import ScalingConfig as RayScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = config.scaling.use_gpu
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"config": to_flat(config), "out": str(out), "evaluate": evaluate,
+                           "toyworld": str(toyworld) if toyworld else None, "name": name,
+                           "mlflow": list(mlflow_run) if mlflow_run else None},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=RayScalingConfig(num_workers=config.scaling.num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.scaling.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures)),
+    )
+    trainer.fit()  # raises ray.train.TrainingFailedError with the worker's traceback
+    return json.loads((Path(out) / "train_report.json").read_text())

@@ -1,0 +1,263 @@
+"""What raylens shows people: the one markdown table renderer every table goes through, the
+sweep report in the seed runs' columns (md, csv or json), and the Pareto-front plots (PNG and a
+self-contained HTML page). Pure: rows in, text or files out; MLflow is read by ``tracking``."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+REPORT_FORMATS = ("md", "csv", "json")
+
+
+def markdown_table(head: list[str], rows: list[list]) -> str:
+    """A markdown table of ``rows`` (cells already text) under ``head``; a ``|`` inside a cell
+    is written ``/`` so it cannot open a column."""
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+    return "\n".join([line(head), "|" + "---|" * len(head), *map(line, rows)])
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+def _plot_frame(parent: dict) -> dict:
+    tags, metrics = parent["tags"], parent["metrics"]
+    forget, retain = tags.get("forget_task", "wmdp"), tags.get("retain_task", "mmlu")
+    floor = float(parent["params"].get("retain_floor", 0) or 0)
+    return {"forget": forget, "retain": retain, "floor": floor,
+            "baseline": (metrics.get(f"baseline/{forget}"), metrics.get(f"baseline/{retain}")),
+            "chance": (metrics.get(f"chance/{forget}"), metrics.get(f"chance/{retain}"))}
+
+
+def plot_front_png(rows: list[dict], parent: dict, path: Path) -> None:
+    """Every finished trial in the (forget accuracy, retain accuracy) plane: the front joined
+    by a step line, infeasible trials crossed, the unmodified model and chance marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = _plot_frame(parent)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    scored = [r for r in rows if r["forget_acc"] is not None]
+    other = [r for r in scored if r["feasible"] and not r["pareto"]]
+    bad = [r for r in scored if not r["feasible"]]
+    front = sorted((r for r in scored if r["pareto"]), key=lambda r: r["forget_acc"])
+    ax.scatter([r["forget_acc"] for r in other], [r["retain_acc"] for r in other], c="#7a8ca3",
+               label="trial")
+    ax.scatter([r["forget_acc"] for r in bad], [r["retain_acc"] for r in bad], c="#c0392b", marker="x",
+               label="infeasible (collapsed / diverged)")
+    if front:
+        ax.step([r["forget_acc"] for r in front], [r["retain_acc"] for r in front], where="post",
+                c="#1f77b4", alpha=0.6)
+        ax.scatter([r["forget_acc"] for r in front], [r["retain_acc"] for r in front], c="#1f77b4", s=60,
+                   edgecolors="black", label="Pareto front", zorder=3)
+        for r in front:
+            ax.annotate(r["trial_id"], (r["forget_acc"], r["retain_acc"]), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points")
+    base_x, base_y = frame["baseline"]
+    if base_x is not None and base_y is not None:
+        ax.scatter([base_x], [base_y], marker="*", s=220, c="#f1c40f", edgecolors="black",
+                   label="unmodified model", zorder=4)
+    chance_x, chance_y = frame["chance"]
+    if chance_x is not None:
+        ax.axvline(chance_x, ls=":", c="gray", label="chance")
+    if chance_y is not None:
+        ax.axhline(chance_y, ls=":", c="gray")
+    if frame["floor"] > 0:
+        ax.axhline(frame["floor"], ls="--", c="#c0392b", lw=0.8, label="retain floor")
+    ax.set_xlabel(f"{frame['forget']} accuracy (lower is better)")
+    ax.set_ylabel(f"{frame['retain']} accuracy (higher is better)")
+    ax.set_title(f"{parent['tags'].get('sweep', '')}: {len(front)} on the front, "
+                 f"{len(scored)} scored trials")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_front_html(rows: list[dict], parent: dict) -> str:
+    """A self-contained page (inline SVG, no scripts to fetch: clusters are often offline): the
+    same plot as the PNG, every point with a tooltip of its settings and a link to its run, and
+    the front as a table."""
+    frame = _plot_frame(parent)
+    exp = parent.get("experiment_id", "")
+    width, height, pad = 720, 480, 60
+    sx = lambda v: pad + v * (width - 2 * pad)
+    sy = lambda v: height - pad - v * (height - 2 * pad)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             'font-family="sans-serif" font-size="11">',
+             f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" '
+             'fill="none" stroke="#999"/>']
+    for tick in (0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<text x="{sx(tick):.1f}" y="{height - pad + 16}" text-anchor="middle">'
+                     f'{tick:g}</text><text x="{pad - 8}" y="{sy(tick) + 4:.1f}" '
+                     f'text-anchor="end">{tick:g}</text>')
+    parts.append(f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">'
+                 f'{html.escape(frame["forget"])} accuracy (lower is better)</text>')
+    parts.append(f'<text x="15" y="{height / 2}" transform="rotate(-90 15 {height / 2})" '
+                 f'text-anchor="middle">{html.escape(frame["retain"])} accuracy '
+                 '(higher is better)</text>')
+    chance_x, chance_y = frame["chance"]
+    if chance_x is not None:
+        parts.append(f'<line x1="{sx(chance_x):.1f}" y1="{sy(0)}" x2="{sx(chance_x):.1f}" '
+                     f'y2="{sy(1)}" stroke="gray" stroke-dasharray="2,3"><title>chance '
+                     f'{chance_x:.3f}</title></line>')
+    if chance_y is not None:
+        parts.append(f'<line x1="{sx(0)}" y1="{sy(chance_y):.1f}" x2="{sx(1)}" '
+                     f'y2="{sy(chance_y):.1f}" stroke="gray" stroke-dasharray="2,3"><title>'
+                     f'chance {chance_y:.3f}</title></line>')
+    if frame["floor"] > 0:
+        parts.append(f'<line x1="{sx(0)}" y1="{sy(frame["floor"]):.1f}" x2="{sx(1)}" '
+                     f'y2="{sy(frame["floor"]):.1f}" stroke="#c0392b" stroke-dasharray="6,4">'
+                     f'<title>retain floor {frame["floor"]:g}</title></line>')
+    scored = [r for r in rows if r["forget_acc"] is not None]
+    front = sorted((r for r in scored if r["pareto"]), key=lambda r: r["forget_acc"])
+    if front:
+        points = []
+        for a, b in zip(front, front[1:] + [None]):
+            points.append(f"{sx(a['forget_acc']):.1f},{sy(a['retain_acc']):.1f}")
+            if b is not None:
+                points.append(f"{sx(b['forget_acc']):.1f},{sy(a['retain_acc']):.1f}")
+        parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="#1f77b4" '
+                     'stroke-opacity="0.6"/>')
+    space = [k[len("space."):] for k in parent["params"] if k.startswith("space.")]
+    for r in scored:
+        settings = ", ".join(f"{k}={r['params'].get(k)}" for k in space)
+        tip = html.escape(f"{r['trial_id']}: {frame['forget']} {r['forget_acc']:.4f}, "
+                          f"{frame['retain']} {r['retain_acc']:.4f}, {r['status']}"
+                          f"{', Pareto' if r['pareto'] else ''}; {settings}")
+        x, y = sx(r["forget_acc"]), sy(r["retain_acc"])
+        if not r["feasible"]:
+            shape = (f'<path d="M{x - 5:.1f},{y - 5:.1f}L{x + 5:.1f},{y + 5:.1f}M{x - 5:.1f},'
+                     f'{y + 5:.1f}L{x + 5:.1f},{y - 5:.1f}" stroke="#c0392b" stroke-width="2"/>')
+        else:
+            color = "#1f77b4" if r["pareto"] else "#7a8ca3"
+            size = 7 if r["pareto"] else 5
+            shape = (f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{size}" fill="{color}" '
+                     f'stroke="black" stroke-width="{1 if r["pareto"] else 0}"/>')
+        parts.append(f'<a href="/#/experiments/{exp}/runs/{r["run_id"]}" target="_top">'
+                     f'<g><title>{tip}</title>{shape}</g></a>')
+    base_x, base_y = frame["baseline"]
+    if base_x is not None and base_y is not None:
+        parts.append(f'<g><title>unmodified model: {base_x:.4f}, {base_y:.4f}</title><text '
+                     f'x="{sx(base_x):.1f}" y="{sy(base_y) + 7:.1f}" text-anchor="middle" '
+                     'font-size="22" fill="#f1c40f" stroke="black">&#9733;</text></g>')
+    parts.append("</svg>")
+    table = ["<table><tr><th>rank</th><th>trial</th><th>"
+             f"{html.escape(frame['forget'])}</th><th>{html.escape(frame['retain'])}</th>"
+             + "".join(f"<th>{html.escape(k)}</th>" for k in space) + "</tr>"]
+    for r in front:
+        table.append(f"<tr><td>{r['pareto_rank']}</td><td>{html.escape(r['trial_id'])}</td>"
+                     f"<td>{r['forget_acc']:.4f}</td><td>{r['retain_acc']:.4f}</td>"
+                     + "".join(f"<td>{html.escape(_number(r['params'].get(k)))}</td>"
+                               for k in space)
+                     + "</tr>")
+    table.append("</table>")
+    title = html.escape(f"Pareto front of {parent['tags'].get('sweep', '')}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+            "body{font-family:sans-serif;margin:1em}td,th{padding:2px 8px;text-align:right}"
+            "</style></head><body>"
+            f"<h3>{title}</h3><p>{len(front)} of {len(scored)} scored trials on the front; "
+            "hover a point for its settings, click to open its run. Star: the unmodified model; "
+            "dotted: chance; dashed: the retain floor; crosses: infeasible.</p>"
+            + "".join(parts) + "".join(table) + "</body></html>")
+
+
+# --- the seed runs' table --------------------------------------------------------------------
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _number(value) -> str:
+    if value is None or value == "":
+        return "-"
+    try:
+        number = float(value)
+    except ValueError:
+        return str(value)
+    if number.is_integer():
+        return str(int(number))
+    return f"{number:.3g}"
+
+
+def report_table(parent: dict, rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """The seed runs' columns (examples, epochs, steps, coefficients, learning rates, batch,
+    LoRA rank, final retain and forget loss, accuracy per eval task, notes) for the baseline
+    and every trial, front first; returns the header and one dict per row (raw values)."""
+    tasks = json.loads(parent["params"].get("eval_tasks", "[]"))
+    forget = parent["tags"].get("forget_task")
+    muon = any(r["params"].get("optim.name") == "muon" for r in rows)
+    lrs = ["muon_lr", "adam_lr"] if muon else ["lr"]
+    head = ["examples", "epochs", "steps", "retain_coef", "remove_coef", *lrs, "batch",
+            "LoRA rank", "retain_loss", "forget_loss",
+            *[f"{t} (↓)" if t == forget else t for t in tasks], "pareto", "notes"]
+    baseline: dict[str, object] = {h: None for h in head}
+    baseline |= {(f"{t} (↓)" if t == forget else t): parent["metrics"].get(f"baseline/{t}")
+                 for t in tasks}
+    baseline |= {"pareto": False, "notes": "Baseline (unmodified model)"}
+    out = [baseline]
+    order = sorted(rows, key=lambda r: (not r["pareto"], r["pareto_rank"] or 99,
+                                        r["forget_acc"] if r["forget_acc"] is not None else 2))
+    for r in order:
+        p, m = r["params"], r["metrics"]
+        lr_values = ({"muon_lr": p.get("optim.muon_lr"), "adam_lr": p.get("optim.adam_lr")}
+                     if muon else {"lr": p.get("optim.lr")})
+        notes = [r["trial_id"]]
+        if r["tags"].get("hand_tuned") == "true":
+            notes.append("hand-tuned base")
+        if r["pareto"]:
+            notes.append("Pareto front")
+        elif r["pareto_rank"]:
+            notes.append(f"front {r['pareto_rank']}")
+        if r["status"] not in ("ok",):
+            notes.append(r["status"])
+        if r["tags"].get("failure_reason"):
+            notes.append(r["tags"]["failure_reason"].splitlines()[0][:160])
+        row = {"examples": p.get("data.num_examples"), "epochs": p.get("batch.epochs"),
+               "steps": None if m.get("num_steps") is None else int(m["num_steps"]),
+               "retain_coef": p.get("loss.retain_coef"),
+               "remove_coef": p.get("loss.remove_coef"), **lr_values,
+               "batch": p.get("batch.global_batch"),
+               "LoRA rank": p.get("mode.lora_rank") if p.get("mode.kind") == "lora" else None,
+               "retain_loss": m.get("train/retain_loss"),
+               "forget_loss": m.get("train/forget_loss"),
+               **{(f"{t} (↓)" if t == forget else t): m.get(f"eval/{t}") for t in tasks},
+               "pareto": r["pareto"], "notes": "; ".join(notes)}
+        out.append(row)
+    return head, out
+
+
+def render_report(experiment: str, parent: dict, rows: list[dict], fmt: str = "md") -> str:
+    """The sweep's table (``report_table``) as ``md`` (the seed runs' shape, Pareto rows'
+    accuracies in bold), ``csv`` or ``json``."""
+    head, table = report_table(parent, rows)
+    if fmt == "json":
+        return json.dumps({"experiment": experiment, "columns": head, "rows": table}, indent=1)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=head, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+        return buffer.getvalue().rstrip("\n")
+    accuracy = {h for h in head if h.endswith("(↓)") or h in
+                json.loads(parent["params"].get("eval_tasks", "[]"))}
+    shown = [h for h in head if h != "pareto"]
+    cells = []
+    for row in table:
+        line = []
+        for h in shown:
+            value = row[h]
+            if h in accuracy:
+                text = _percent(value)
+                line.append(f"**{text}**" if row["pareto"] and value is not None else text)
+            else:
+                line.append(str(value) if h == "notes" else _number(value))
+        cells.append(line)
+    return markdown_table(shown, cells)
