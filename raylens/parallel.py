@@ -44,8 +44,6 @@ class Plan:
     rank: int
     world: int
     device: torch.device
-    mode: str
-    """``lora`` or ``full`` (``mode.kind``)."""
 
     @property
     def sharded(self) -> bool:
@@ -114,7 +112,7 @@ def plan_for(config: UnlearnConfig, device: torch.device | None = None) -> Plan:
         kind = "fsdp2"
     elif world > 1:
         kind = "ddp"
-    return Plan(kind, rank, world, device, config.mode.kind)
+    return Plan(kind, rank, world, device)
 
 
 def parameter_digest(model) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from raylens.checkpoint import read_checkpoint, write_checkpoint
-from raylens.collectives import all_gather, all_reduce_sum
+from raylens.collectives import all_gather, all_reduce_sum, rank_and_world
 from raylens.config import TOY, ConfigError, UnlearnConfig, to_flat
 from raylens.data import load_paired, load_texts
 from raylens.evaluate import EvalError, eval_questions, evaluate_live
@@ -339,8 +339,6 @@ def run(config: UnlearnConfig, out: Path, *, toyworld: Path | None = None, log=p
     the last step's metrics, ``num_steps``, ``rank_digests``, ``resumed_from``,
     ``memory_per_rank``, ``eval`` (with predictions), ``eval_error`` and ``extra``.
     ``mlflow_run``: ``(tracking uri, run id)`` rank 0 logs each step's metrics to."""
-    from raylens.collectives import rank_and_world
-
     rank, _ = rank_and_world()
     curves = StepLogger(*mlflow_run) if rank == 0 and mlflow_run else None
 
