@@ -9,6 +9,8 @@
     raylens unlearn --recipe R [--set key=value ...] [--workers N | --gpus N] --out DIR [--resume]
                                       one unlearning run: eval before, train, export, eval after;
                                       --resume continues an interrupted run from its checkpoint
+    raylens attack MODEL_DIR [--suite seed|short|long] [--examples N --lr X --eval-every K ...]
+                                      fine-tuning attacks on an unlearned model: the tamper table
     raylens report EXPERIMENT [--format md|csv|json]
                                       a sweep's table in the seed runs' shape, from MLflow alone
     raylens ui [--port P]             the MLflow UI of the local store on 127.0.0.1
@@ -64,13 +66,20 @@ def cmd_demo(args) -> int:
 
     storage = args.storage or os.environ.get("RAYLENS_STORAGE", "raylens-runs")
     name = args.name or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep = demo_sweep(storage=storage, name=name, num_trials=args.trials,  # validated first
-                       overrides=parse_overrides(args.set))
+    from raylens.config import replace_sweep
+
+    overrides = parse_overrides(args.set)
+    own = {k[len("sweep."):]: v for k, v in overrides.items() if k.startswith("sweep.")}
+    sweep = replace_sweep(demo_sweep(  # validated first
+        storage=storage, name=name, num_trials=args.trials,
+        overrides={k: v for k, v in overrides.items() if not k.startswith("sweep.")}), own)
     print("raylens demo: the toy world (hazard = forget domain, general = retain domain)")
     cmd_toyworld_build(args)
+    goals = {"forget_acc": f"{sweep.forget_task} (min)", "retain_acc": f"{sweep.retain_task} (max)",
+             "attack_acc": f"{sweep.forget_task} after the {sweep.attack_suite} attacks (min)"}
     print(f"\nsweep {name}: {sweep.num_trials} trials of the sft_adamw recipe, searching "
-          f"{', '.join(sweep.space)} against {sweep.forget_task} (min) and {sweep.retain_task} "
-          f"(max) -> {Path(storage) / name}")
+          f"{', '.join(sweep.space)} against {', '.join(goals[k] for k in sweep.objectives)}"
+          f" -> {Path(storage) / name}")
     connect_or_start(sweep)
     start = time.perf_counter()
     rows = run_sweep(sweep, toyworld=tw.load_or_build(_toy_config(args)).root)
@@ -231,6 +240,109 @@ def cmd_unlearn(args) -> int:
     return 0
 
 
+def _attacked(name: str, world_config: ToyWorldConfig):
+    """``(model folder, the run config it came from, toy world)`` for ``raylens attack``: the
+    toy models, a run's output folder (``model/`` beside raylens's ``config.json``), its model
+    folder, or any model folder (then the toy world's corpora and tasks, as defaults are)."""
+    from raylens import toyworld as tw
+    from raylens.config import UnlearnConfig, from_flat, uses_toyworld
+
+    if name in ("toy", "toy-control"):
+        folder, _ = _model_folder(name, world_config)
+        base = UnlearnConfig()
+    else:
+        path = Path(name)
+        run_dir = path if (path / "model" / "config.json").exists() else path.parent
+        folder = path / "model" if run_dir == path else path
+        if not (folder / "config.json").exists():
+            raise ConfigError(f"MODEL_DIR={name!r} is invalid: allowed 'toy', 'toy-control', a "
+                              "run's output folder or a saved Hugging Face model folder")
+        saved = run_dir / "config.json"
+        flat = json.loads(saved.read_text()) if saved.exists() else {}
+        base = (from_flat(UnlearnConfig, flat) if "model.name_or_path" in flat
+                else UnlearnConfig())
+    toyworld = tw.load_or_build(world_config).root if uses_toyworld(base) else None
+    return folder, base, toyworld
+
+
+_ATTACK_FLAGS = {"name": "name", "examples": "num_examples", "corpus": "corpus",
+                 "mode": "mode", "lr": "lr", "schedule": "schedule", "warmup": "warmup_ratio",
+                 "epochs": "epochs", "steps": "max_steps", "batch": "global_batch",
+                 "per_device_batch": "per_device_batch", "dtype": "dtype",
+                 "eval_every": "eval_every", "level": "level", "max_length": "max_length",
+                 "weight_decay": "weight_decay"}
+"""``raylens attack`` options and the ``AttackConfig`` field each sets."""
+
+
+def cmd_attack(args) -> int:
+    """``raylens attack MODEL_DIR``: a suite of fine-tuning attacks (or the seed's one attack
+    with the options' changes) on a model; the tamper table, files and an MLflow run."""
+    import dataclasses
+
+    from raylens.config import ScalingConfig
+    from raylens.recipes import suite
+    from raylens.report import tamper_table
+
+    folder, base, toyworld = _attacked(args.model_dir, _toy_config(args))
+    changes = {field: getattr(args, flag) for flag, field in _ATTACK_FLAGS.items()
+               if getattr(args, flag) is not None}
+    attacks, guard = suite(args.suite, real=toyworld is None)
+    if len(attacks) > 1 and "name" in changes:
+        raise ConfigError(f"--name={changes['name']!r} is invalid with --suite {args.suite}: "
+                          "allowed with a one-attack suite (seed)")
+    attacks = [dataclasses.replace(a, **changes) for a in attacks]  # validated again
+    tasks = (args.forget_task or base.eval.tasks[0], args.retain_task or base.eval.tasks[-1])
+    eval_config = dataclasses.replace(base.eval, tasks=tasks, subset=args.subset)
+    if args.workers is not None and args.gpus is not None:
+        raise ConfigError(f"--gpus={args.gpus} is invalid with --workers={args.workers}: allowed "
+                          "one of them")
+    scaling = ScalingConfig(num_workers=args.gpus or args.workers or 1,
+                            use_gpu=args.gpus is not None, checkpoint_every=0)
+    out = Path(args.out or f"raylens-attacks/{folder.parent.name}-{args.suite}-"
+                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise ConfigError(f"--out={str(out)!r} is invalid: allowed a new or empty folder (or "
+                          "--resume to finish the suite written there)")
+    kwargs = dict(data=base.data, eval_config=eval_config, tasks=tasks, scaling=scaling,
+                  toyworld=toyworld, retain_guard=guard)
+    from raylens.attack import check
+
+    check(attacks, folder, data=base.data, eval_config=eval_config, scaling=scaling,
+          toyworld=toyworld)  # before any compute (and before Ray starts)
+    print(f"raylens attack: suite {args.suite} ({len(attacks)} attack(s)) on {folder} -> {out}")
+    if args.workers is None and args.gpus is None:
+        from raylens.attack import run_suite
+
+        result = run_suite(folder, attacks, out, **kwargs)
+    else:
+        import ray
+
+        from raylens.ray_train import attack_on_ray, connect_ray
+
+        connect_ray()
+        result = attack_on_ray(folder, attacks, out, storage_path=(out / "ray").resolve(),
+                               name="attack", **kwargs)
+        ray.shutdown()
+    print(tamper_table([{"label": str(folder), "results": result["results"],
+                         "worst_attack": result["worst_attack"]}], tasks[1]))
+    print(f"worst case: {tasks[0]} {result['worst']:.4f} after attack {result['worst_attack']} "
+          f"(recovery {result['recovery']:+.4f}); {result['train_s']:.1f} s training, "
+          f"{result['eval_s']:.1f} s evaluation; results in {out}")
+    if base.tracking.enabled and not args.no_track:
+        from mlflow.tracking import MlflowClient
+
+        from raylens.tracking import attack_run, record_attack
+
+        uri, run_id = attack_run(base.tracking, folder, args.suite)
+        client = MlflowClient(uri)
+        record_attack(client, run_id, result, args.suite)
+        client.set_tag(run_id, "status", "ok")
+        client.set_terminated(run_id, "FINISHED")
+        print(f"MLflow ({uri}), experiment {base.tracking.experiment}: run {run_id}; "
+              f"`raylens report {base.tracking.experiment}` for the tamper table")
+    return 0
+
+
 def _tracking_uri(uri: str | None) -> str:
     from raylens.config import TrackingConfig
     from raylens.tracking import resolve_uri
@@ -354,7 +466,7 @@ def _add_run_commands(sub) -> None:
     demo.add_argument("--storage", default=None,
                       help="storage root (default $RAYLENS_STORAGE or raylens-runs)")
     demo.add_argument("--trials", type=int, default=12, help="trial budget (default 12)")
-    _set_option(demo, "data.num_examples=256")
+    _set_option(demo, "data.num_examples=256 or sweep.attack_suite=short")
     _seed_option(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -389,6 +501,44 @@ def _add_run_commands(sub) -> None:
                     help="continue the interrupted run in --out from its last checkpoint")
     _seed_option(un)
     un.set_defaults(func=cmd_unlearn)
+    _add_attack_command(sub)
+
+
+def _add_attack_command(sub) -> None:
+    """``attack``: fine-tuning attacks on an unlearned model."""
+    at = sub.add_parser("attack", help="fine-tuning attacks on an unlearned model (tamper test)")
+    at.add_argument("model_dir", help="a run's output folder, a model folder, 'toy' or "
+                    "'toy-control'")
+    at.add_argument("--suite", default="seed", help="seed (default: the seed's attack), short "
+                    "(every trial), long (finalists)")
+    number = {"examples": (int, "documents the attacker trains on"),
+              "lr": (float, "peak learning rate"), "warmup": (float, "warmup fraction"),
+              "epochs": (int, "passes over the documents"), "steps": (int, "stop after N steps"),
+              "batch": (int, "documents per optimizer step"),
+              "per_device_batch": (int, "documents per forward pass"),
+              "eval_every": (int, "steps between evaluations"),
+              "level": (float, "forget accuracy counted as recovered"),
+              "max_length": (int, "tokens per document"),
+              "weight_decay": (float, "decoupled weight decay")}
+    for flag, (kind, text) in number.items():
+        at.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None,
+                        help=text + " (default: the suite's)")
+    for flag, choices in (("corpus", ("forget", "retain")), ("mode", ("full", "lora")),
+                          ("schedule", ("linear", "cosine", "constant")),
+                          ("dtype", ("float32", "bfloat16", "float16"))):
+        at.add_argument(f"--{flag}", choices=choices, default=None)
+    at.add_argument("--name", default=None, help="label of a one-attack suite's attack")
+    at.add_argument("--forget-task", default=None, help="default: the run's first eval task")
+    at.add_argument("--retain-task", default=None, help="default: the run's last eval task")
+    at.add_argument("--subset", type=float, default=None, help="score a fraction of questions")
+    at.add_argument("--workers", type=int, default=None, help="Ray Train workers on CPU")
+    at.add_argument("--gpus", type=int, default=None, help="Ray Train workers, one GPU each")
+    at.add_argument("--out", default=None, help="new folder for the results (default "
+                    "raylens-attacks/<run>-<suite>-<time>)")
+    at.add_argument("--resume", action="store_true", help="finish the suite in --out")
+    at.add_argument("--no-track", action="store_true", help="no MLflow run")
+    _seed_option(at)
+    at.set_defaults(func=cmd_attack)
 
 
 def _add_tool_commands(sub) -> None:

@@ -321,7 +321,9 @@ class OptimConfig(_Checked):
     0.2 * sqrt(max(rows, cols)), giving updates the RMS of AdamW's, so ``muon_lr`` is on AdamW's
     scale (the seed's convention: on GPT-NeoX-6.9B its step is 12.8-25.6x the original's)."""
     warmup_ratio: float = _f(0.0, _check_below_one)
-    """Fraction of steps of linear warmup before the linear decay to 0."""
+    """Fraction of steps of linear warmup before the schedule."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """After warmup: ``linear`` decay to 0, ``cosine`` (half a cosine to 0) or ``constant``."""
     weight_decay: float = _f(0.01, _check_nonneg)
     """Decoupled weight decay."""
     grad_clip: float = _f(1.0, _check_positive)
@@ -479,6 +481,83 @@ class UnlearnConfig:
         return self.batch.global_batch // (self.batch.per_device_batch * self.scaling.num_workers)
 
 
+ATTACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""Attack names: they label MLflow metrics (``attack/<name>/forget_acc``) and result files."""
+
+
+def _check_attack_name(section: str, name: str, value: Any) -> None:
+    if not isinstance(value, str) or not ATTACK_NAME.fullmatch(value):
+        _fail(section, name, value, "letters, digits, '.', '_' or '-', starting with a letter "
+              "or digit (at most 64 characters)")
+
+
+def _check_level(section: str, name: str, value: Any) -> None:
+    _check_fraction(section, name, value, closed_low=False)
+
+
+@dataclass(frozen=True)
+class AttackConfig(_Checked):
+    """One fine-tuning attack on an unlearned model: causal-LM training on ``num_examples``
+    documents of the run's forget (or, for a benign attack, retain) corpus, scored on the
+    forget and retain tasks every ``eval_every`` steps. The defaults are the seed's attack
+    (512 examples, batch 16, one epoch, eval every 10 steps, AdamW, linear, no warmup) scaled
+    to the toy world (lr 3e-4; the seed's 2e-5 on the real model: ``recipes.suite``)."""
+
+    _section: ClassVar[str] = "attack"
+    name: str = _f("seed", _check_attack_name)
+    """Label of the attack in results, metrics and reports."""
+    corpus: Literal["forget", "retain"] = "forget"
+    """Which of the run's corpora (``data.forget`` / ``data.retain``) the attacker trains on:
+    ``retain`` is the benign-data attack."""
+    num_examples: int = _f(512, _positive_int)
+    """Documents of that corpus the attacker trains on (the first ones)."""
+    max_length: int = _f(2048, _positive_int)
+    """Documents are truncated to this many tokens."""
+    mode: Literal["full", "lora"] = "full"
+    """``full``: every weight (fp32 master weights); ``lora``: a fresh adapter on every layer."""
+    lora_rank: int = _f(16, _positive_int)
+    """LoRA rank (alpha = rank) of a ``lora`` attack."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """The attacker's optimizer (``muon`` needs ``mode='full'``; its hidden matrices use
+    ``lr`` on AdamW's scale)."""
+    lr: float = _f(3e-4, _check_positive)
+    """Peak learning rate."""
+    weight_decay: float = _f(0.01, _check_nonneg)
+    """Decoupled weight decay (Deep Ignorance: 0.01)."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate schedule after warmup (``optim.schedule``)."""
+    warmup_ratio: float = _f(0.0, _check_below_one)
+    """Fraction of the steps of linear warmup."""
+    epochs: int = _f(1, _positive_int)
+    """Passes over the attack documents."""
+    max_steps: int | None = _f(None, _positive_int)
+    """Stop after this many optimizer steps (None: ``epochs`` passes)."""
+    global_batch: int = _f(16, _positive_int)
+    """Documents per optimizer step, summed over workers and accumulation."""
+    per_device_batch: int = _f(16, _positive_int)
+    """Documents per forward pass on one worker."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype (``model.dtype``'s policy: fp32 master weights under autocast or FSDP2
+    mixed precision for ``full``, the frozen base in it for ``lora``)."""
+    eval_every: int = _f(10, _positive_int)
+    """Optimizer steps between evaluations (and at step 0 and the last step)."""
+    level: float = _f(0.5, _check_level)
+    """Forget accuracy that counts as recovered: the result reports the first step reaching it."""
+    seed: int = 0
+    """Seed of the data order and a LoRA adapter's init."""
+
+    def _cross_checks(self) -> None:
+        if self.optimizer == "muon" and self.mode != "full":
+            _fail(self._section, "optimizer", self.optimizer, "'adamw' with mode='lora' "
+                  "(Muon needs mode='full')")
+        if self.global_batch % self.per_device_batch:
+            _fail(self._section, "global_batch", self.global_batch,
+                  f"a multiple of per_device_batch={self.per_device_batch}")
+        if self.num_examples < self.global_batch:
+            _fail(self._section, "num_examples", self.num_examples,
+                  f"at least global_batch = {self.global_batch}")
+
+
 @dataclass(frozen=True)
 class ToyWorldConfig(_Checked):
     """The embedded toy world: synthetic facts, a tiny GPT-NeoX, a control model and a lens."""
@@ -622,7 +701,7 @@ __all__ = [
     "TOY", "EVAL_TASKS", "ConfigError", "ModelConfig", "LensConfig", "DataConfig", "LossConfig",
     "OptimConfig",
     "ModeConfig", "BatchConfig", "ScalingConfig", "EvalConfig", "TrackingConfig",
-    "UnlearnConfig", "ToyWorldConfig", "SweepConfig", "to_flat", "from_flat", "replace",
+    "UnlearnConfig", "AttackConfig", "ToyWorldConfig", "SweepConfig", "to_flat", "from_flat", "replace",
     "parse_overrides", "replace_sweep", "uses_toyworld",
 ]
 
@@ -736,6 +815,13 @@ class SweepConfig(_Checked):
     Ray Train checkpoints, trial outputs and (by default) the Optuna study."""
     study_url: str | None = _f(None, _check_study_url)
     """Optuna storage URL (any RDB, e.g. ``postgresql://...``); None: sqlite in the sweep folder."""
+    attack_suite: Literal["seed", "short", "long"] | None = None
+    """Attack suite run on every trial's export after its evaluation (``recipes.SUITES``;
+    ``short`` is sized for it); None: no attack stage."""
+    attack_objective: Literal["record", "instead", "beside"] = "record"
+    """What the suite's worst post-attack forget accuracy is to the search: ``record`` (metrics
+    only), ``instead`` (it replaces the pre-attack forget accuracy as objective 1) or
+    ``beside`` (a third objective, minimised)."""
 
     def _cross_checks(self) -> None:
         s = self._section
@@ -747,3 +833,13 @@ class SweepConfig(_Checked):
             if getattr(self, name) not in self.base.eval.tasks:
                 _fail(s, name, getattr(self, name), "one of base eval.tasks "
                       f"{list(self.base.eval.tasks)}")
+        if self.attack_objective != "record" and self.attack_suite is None:
+            _fail(s, "attack_objective", self.attack_objective,
+                  "'record' without an attack_suite (name one: seed, short or long)")
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """The row fields the search optimises (``pareto``): forget accuracy before the attack
+        (``forget_acc``), after it (``attack_acc``, the suite's worst), retain accuracy."""
+        return {"record": ("forget_acc", "retain_acc"), "instead": ("attack_acc", "retain_acc"),
+                "beside": ("forget_acc", "attack_acc", "retain_acc")}[self.attack_objective]

@@ -126,6 +126,12 @@ def collate(sequences: list[list[int]], pad_id: int) -> Batch:
     return Batch(ids, mask)
 
 
+def epoch_order(size: int, epoch: int, seed: int) -> list[int]:
+    """A permutation of ``range(size)`` for ``epoch``, reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(size, generator=gen).tolist()
+
+
 @dataclass
 class PairedData:
     """Tokenized forget/retain pairs and the order in which they are visited."""
@@ -142,8 +148,7 @@ class PairedData:
 
     def epoch_order(self, epoch: int, seed: int) -> list[int]:
         """A permutation of the pairs for ``epoch``, reproducible from ``seed``."""
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        return torch.randperm(len(self), generator=gen).tolist()
+        return epoch_order(len(self), epoch, seed)
 
     def batch(self, indices: list[int]) -> tuple[Batch, Batch]:
         """Forget and retain batches of the pairs at ``indices``."""
@@ -156,3 +161,31 @@ def load_paired(config: DataConfig, tokenizer, toyworld: Path | None = None) -> 
     forget, retain = load_texts(config, toyworld)
     return PairedData(tokenize(tokenizer, forget, config.max_length),
                       tokenize(tokenizer, retain, config.max_length), tokenizer.pad_token_id)
+
+
+@dataclass
+class TextData:
+    """Tokenized documents of one corpus (a fine-tuning attack's) and their visiting order."""
+
+    texts: list[list[int]]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def epoch_order(self, epoch: int, seed: int) -> list[int]:
+        """A permutation of the documents for ``epoch``, reproducible from ``seed``."""
+        return epoch_order(len(self), epoch, seed)
+
+    def batch(self, indices: list[int]) -> tuple[Batch]:
+        """The batch of the documents at ``indices`` (a 1-tuple, as ``PairedData`` gives 2)."""
+        return (collate([self.texts[i] for i in indices], self.pad_id),)
+
+
+def load_corpus(config: DataConfig, corpus: str, tokenizer,
+                toyworld: Path | None = None) -> TextData:
+    """The first ``num_examples`` documents of ``config``'s ``forget`` or ``retain`` corpus,
+    truncated and tokenized."""
+    forget, retain = load_texts(config, toyworld)
+    texts = forget if corpus == "forget" else retain
+    return TextData(tokenize(tokenizer, texts, config.max_length), tokenizer.pad_token_id)

@@ -456,13 +456,14 @@ def eval_questions(ev: EvalConfig, tokenizer, toyworld: Path | None, model_confi
                           max_length=getattr(model_config, "max_position_embeddings", None))
 
 
-def evaluate_live(model, tokenizer, ev: EvalConfig,
-                  toyworld: Path | None = None) -> dict[str, dict]:
+def evaluate_live(model, tokenizer, ev: EvalConfig, toyworld: Path | None = None, *,
+                  questions: dict | None = None) -> dict[str, dict]:
     """Score the live model (plain, LoRA or FSDP2-sharded) with the fast scorer, inside the run:
     each rank scores its share of the questions and the log-likelihoods are gathered, so every
-    rank returns the same ``{task: {"acc", "acc_stderr", "n", "subset", "predictions"}}``."""
+    rank returns the same ``{task: {"acc", "acc_stderr", "n", "subset", "predictions"}}``.
+    ``questions``: ``eval_questions``'s, when a caller scores the same ones repeatedly."""
     rank, world = rank_and_world()
-    questions = eval_questions(ev, tokenizer, toyworld, model.config)
+    questions = questions or eval_questions(ev, tokenizer, toyworld, model.config)
     deadline = Deadline(ev.tasks, ev.time_limit_s)
 
     def before_batch(done: str) -> None:

@@ -93,3 +93,14 @@ def loss_weights(step: int, total_steps: int, *, retain_coef: float, remove_coef
     ``remove_coef`` to ``0.75 * remove_coef``."""
     s = ramp(step, total_steps, ramp_fraction)
     return retain_coef * (retain_start + (1 - retain_start) * s), remove_coef * (1 - 0.25 * s)
+
+
+def causal_lm_token_loss(logits: torch.Tensor, input_ids: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy ``[batch, seq - 1]`` in fp32 (a fine-tuning attack's loss):
+    position ``t`` predicts token ``t + 1``; a position counts only when both are real tokens,
+    so its sum divided by ``mask[:, 1:].sum()`` is the mean over predicted real tokens."""
+    targets = input_ids[:, 1:]
+    per_token = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                reduction="none").view_as(targets)
+    return per_token * (mask[:, 1:] * mask[:, :-1]).to(per_token.dtype)

@@ -119,15 +119,17 @@ def resolve_target_layers(layers: tuple[int, ...] | None, num_layers: int) -> tu
 def apply_lora(model, mode: ModeConfig, target_layers: tuple[int, ...], *,
                gradient_checkpointing: bool = False):
     """Wrap ``model`` with a LoRA adapter on layers ``0..max(target_layers)`` (PEFT's default
-    target modules unless ``mode.lora_target_modules`` names others)."""
+    target modules unless ``mode.lora_target_modules`` names others; ``("all-linear",)`` is
+    PEFT's every linear layer but the output head)."""
     from peft import LoraConfig, get_peft_model
 
+    modules = list(mode.lora_target_modules) if mode.lora_target_modules else None
     lora = LoraConfig(
         r=mode.lora_rank,
         lora_alpha=mode.lora_alpha,
         lora_dropout=mode.lora_dropout,
         bias="none",
-        target_modules=list(mode.lora_target_modules) if mode.lora_target_modules else None,
+        target_modules="all-linear" if modules == ["all-linear"] else modules,
         layers_to_transform=list(range(max(target_layers) + 1)),
         task_type="CAUSAL_LM",
     )
@@ -219,7 +221,8 @@ def gather_full_state_dict(model) -> dict:
     )
 
 
-def load_sharded(config: ModelConfig, toyworld: Path | None = None, *, device):
+def load_sharded(config: ModelConfig, toyworld: Path | None = None, *, device,
+                 with_reference: bool = True):
     """Full fine-tuning under FSDP2 without a full copy on every rank:
     ``(model, reference, head)``.
 
@@ -229,7 +232,8 @@ def load_sharded(config: ModelConfig, toyworld: Path | None = None, *, device):
     rank keeping its shard. So a rank holds its shards plus one tensor in flight; rank 0 also
     holds the checkpoint and, while the fp32 model loads, an fp32 copy of it. ``head`` is a
     meta-device model whose final norm and unembedding hold full weights: what a tuned lens
-    copies (``load_lens(head, ...)``)."""
+    copies (``load_lens(head, ...)``). ``with_reference=False`` (an attack) builds no
+    reference and returns None in its place."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM
@@ -263,7 +267,8 @@ def load_sharded(config: ModelConfig, toyworld: Path | None = None, *, device):
                 value = full[name].float() if full else torch.empty(param.shape)
                 param.copy_(broadcast_from_rank0(value.contiguous()))
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    for target, dtype in ((model, torch.float32), (reference, compute)):
+    targets = ((model, torch.float32), (reference, compute))[:2 if with_reference else 1]
+    for target, dtype in targets:
         shard_fsdp2(target, compute=compute)
         target.to_empty(device=device)
         # rank 0 sends each tensor in the target's dtype (for the fp32 model a converted
@@ -276,5 +281,7 @@ def load_sharded(config: ModelConfig, toyworld: Path | None = None, *, device):
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if not with_reference:
+        return model, None, head
     reference.requires_grad_(False).eval()
     return model, reference, head

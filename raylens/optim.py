@@ -8,6 +8,8 @@ Hugging Face's convention: matrices decay, biases and norm weights do not.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from raylens.config import OptimConfig
@@ -60,17 +62,25 @@ def build_optimizers(model, config: OptimConfig) -> list[torch.optim.Optimizer]:
     return optimizers
 
 
-def lr_factor(step: int, total_steps: int, warmup_ratio: float) -> float:
-    """Linear warmup over ``warmup_ratio * T`` steps, then linear decay to 0 at ``T``."""
+def lr_factor(step: int, total_steps: int, warmup_ratio: float,
+              schedule: str = "linear") -> float:
+    """Linear warmup over ``warmup_ratio * T`` steps, then ``schedule`` to the end at ``T``:
+    ``linear`` decays to 0, ``cosine`` follows half a cosine to 0, ``constant`` stays at 1."""
     warmup = int(warmup_ratio * total_steps)
     if step < warmup:
         return (step + 1) / (warmup + 1)
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    if schedule == "constant":
+        return 1.0
+    left = max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * left))
+    return left
 
 
-def build_schedulers(optimizers, total_steps: int, warmup_ratio: float):
+def build_schedulers(optimizers, total_steps: int, warmup_ratio: float, schedule: str = "linear"):
     """One ``LambdaLR`` per optimizer, all following ``lr_factor``."""
     return [
-        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup_ratio))
+        torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, total_steps, warmup_ratio, schedule))
         for opt in optimizers
     ]

@@ -85,6 +85,26 @@ def _ray_worker(loop_config: dict) -> None:
     ray.train.report({**report, "eval": without_predictions(report["eval"])})
 
 
+def _fit(worker, loop_config: dict, scaling, *, name: str, storage_path: Path) -> None:
+    """Run ``worker(loop_config)`` on ``scaling.num_workers`` Ray Train workers (gloo on CPU,
+    NCCL on GPUs), restarting a failed group up to ``scaling.max_failures`` times."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import ScalingConfig as RayScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        worker, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=RayScalingConfig(num_workers=scaling.num_workers,
+                                        use_gpu=scaling.use_gpu),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=scaling.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=scaling.max_failures)),
+    )
+    trainer.fit()  # raises ray.train.TrainingFailedError with the worker's traceback
+
+
 def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
                toyworld: Path | None = None, name: str = "unlearn",
                evaluate: bool = True, mlflow_run: tuple[str, str] | None = None) -> dict:
@@ -92,26 +112,44 @@ def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
     rank 0 exports to ``out`` with ``history.jsonl`` and ``train_report.json`` (the last step's
     metrics, every rank's parameter digest and memory, the step it resumed from, and with
     ``evaluate`` the fast scorer's results on the live model or the error that stopped it),
-    which this returns. Checkpoints go to ``storage_path/name``: a failed worker group is restarted from the
-    last one up to ``scaling.max_failures`` times, and a new call with the same ``name`` and
-    ``storage_path`` continues an interrupted run. ``mlflow_run``: ``(tracking uri, run id)``
-    that rank 0 logs each step's metrics to; every run exports them to Ray's Prometheus metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train import ScalingConfig as RayScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    use_gpu = config.scaling.use_gpu
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={"config": to_flat(config), "out": str(out), "evaluate": evaluate,
-                           "toyworld": str(toyworld) if toyworld else None, "name": name,
-                           "mlflow": list(mlflow_run) if mlflow_run else None},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=RayScalingConfig(num_workers=config.scaling.num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(
-            name=name, storage_path=str(storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.scaling.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=config.scaling.max_failures)),
-    )
-    trainer.fit()  # raises ray.train.TrainingFailedError with the worker's traceback
+    which this returns. Checkpoints go to ``storage_path/name``: a failed worker group is
+    restarted from the last one up to ``scaling.max_failures`` times, and a new call with the
+    same ``name`` and ``storage_path`` continues an interrupted run. ``mlflow_run``:
+    ``(tracking uri, run id)`` that rank 0 logs each step's metrics to; every run exports them
+    to Ray's Prometheus metrics."""
+    _fit(_ray_worker, {"config": to_flat(config), "out": str(out), "evaluate": evaluate,
+                       "toyworld": str(toyworld) if toyworld else None, "name": name,
+                       "mlflow": list(mlflow_run) if mlflow_run else None},
+         config.scaling, name=name, storage_path=storage_path)
     return json.loads((Path(out) / "train_report.json").read_text())
+
+
+def _ray_attack_worker(loop_config: dict) -> None:
+    """One Ray Train worker of an attack suite: ``attack.run_suite`` on every rank."""
+    from raylens.attack import run_suite
+    from raylens.config import AttackConfig, DataConfig, EvalConfig, ScalingConfig
+
+    rank, _ = rank_and_world()
+    toyworld = Path(loop_config["toyworld"]) if loop_config["toyworld"] else None
+    run_suite(loop_config["model_dir"],
+              [from_flat(AttackConfig, a) for a in loop_config["attacks"]], loop_config["out"],
+              data=from_flat(DataConfig, loop_config["data"]),
+              eval_config=from_flat(EvalConfig, loop_config["eval"]),
+              tasks=tuple(loop_config["tasks"]),
+              scaling=from_flat(ScalingConfig, loop_config["scaling"]), toyworld=toyworld,
+              log=print if rank == 0 else (lambda *_: None),
+              retain_guard=loop_config["retain_guard"])
+
+
+def attack_on_ray(model_dir: Path, attacks: list, out: Path, *, data, eval_config,
+                  tasks: tuple[str, str], scaling, storage_path: Path, name: str,
+                  toyworld: Path | None = None, retain_guard: float | None = None) -> dict:
+    """``attack.run_suite`` as ``scaling.num_workers`` Ray Train workers (DDP for LoRA
+    attackers, FSDP2 for full ones); returns the suite's result (``out/suite.json``). A
+    restarted worker group skips the attacks already written to ``out``."""
+    _fit(_ray_attack_worker, {
+        "model_dir": str(model_dir), "attacks": [to_flat(a) for a in attacks], "out": str(out),
+        "data": to_flat(data), "eval": to_flat(eval_config), "tasks": list(tasks),
+        "scaling": to_flat(scaling), "toyworld": str(toyworld) if toyworld else None,
+        "retain_guard": retain_guard}, scaling, name=name, storage_path=storage_path)
+    return json.loads((Path(out) / "suite.json").read_text())

@@ -195,13 +195,16 @@ def report_table(parent: dict, rows: list[dict]) -> tuple[list[str], list[dict]]
     forget = parent["tags"].get("forget_task")
     muon = any(r["params"].get("optim.name") == "muon" for r in rows)
     lrs = ["muon_lr", "adam_lr"] if muon else ["lr"]
+    attacked = any(r["metrics"].get("attack/worst") is not None for r in rows)
+    after = [f"{forget} after attack (↓)"] if attacked else []
     head = ["examples", "epochs", "steps", "retain_coef", "remove_coef", *lrs, "batch",
             "LoRA rank", "retain_loss", "forget_loss",
-            *[f"{t} (↓)" if t == forget else t for t in tasks], "pareto", "notes"]
+            *[f"{t} (↓)" if t == forget else t for t in tasks], *after, "pareto", "notes"]
     baseline: dict[str, object] = {h: None for h in head}
     baseline |= {(f"{t} (↓)" if t == forget else t): parent["metrics"].get(f"baseline/{t}")
                  for t in tasks}
     baseline |= {"pareto": False, "notes": "Baseline (unmodified model)"}
+    baseline |= {h: None for h in after}
     out = [baseline]
     order = sorted(rows, key=lambda r: (not r["pareto"], r["pareto_rank"] or 99,
                                         r["forget_acc"] if r["forget_acc"] is not None else 2))
@@ -229,17 +232,24 @@ def report_table(parent: dict, rows: list[dict]) -> tuple[list[str], list[dict]]
                "retain_loss": m.get("train/retain_loss"),
                "forget_loss": m.get("train/forget_loss"),
                **{(f"{t} (↓)" if t == forget else t): m.get(f"eval/{t}") for t in tasks},
+               **{h: m.get("attack/worst") for h in after},
                "pareto": r["pareto"], "notes": "; ".join(notes)}
+        if after and r["tags"].get("attack_worst"):
+            notes.append(f"worst attack {r['tags']['attack_worst']}")
+            row["notes"] = "; ".join(notes)
         out.append(row)
     return head, out
 
 
-def render_report(experiment: str, parent: dict, rows: list[dict], fmt: str = "md") -> str:
+def render_report(experiment: str, parent: dict, rows: list[dict], fmt: str = "md", *,
+                  attacks: list[dict] | None = None) -> str:
     """The sweep's table (``report_table``) as ``md`` (the seed runs' shape, Pareto rows'
-    accuracies in bold), ``csv`` or ``json``."""
+    accuracies in bold), ``csv`` or ``json``; with ``attacks`` (attacked trials, as
+    ``tracking.attack_results`` reads them) the tamper table follows (md, json)."""
     head, table = report_table(parent, rows)
     if fmt == "json":
-        return json.dumps({"experiment": experiment, "columns": head, "rows": table}, indent=1)
+        return json.dumps({"experiment": experiment, "columns": head, "rows": table,
+                           "attacks": attacks or []}, indent=1)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=head, lineterminator="\n")
@@ -260,4 +270,111 @@ def render_report(experiment: str, parent: dict, rows: list[dict], fmt: str = "m
             else:
                 line.append(str(value) if h == "notes" else _number(value))
         cells.append(line)
-    return markdown_table(shown, cells)
+    text = markdown_table(shown, cells)
+    if attacks and fmt == "md":
+        retain = parent["tags"].get("retain_task", "retain")
+        text += "\n\n## Tamper resistance (fine-tuning attacks)\n\n" + tamper_table(
+            attacks, retain, chance=parent["metrics"].get(f"chance/{retain}"))
+    return text
+
+
+# --- fine-tuning attacks ----------------------------------------------------------------------
+
+def _attack_config(config: dict) -> str:
+    """An attack's settings in the seed's words: "512 examples, lr=0.002, 1 epoch, full"."""
+    text = (f"{_number(config.get('num_examples'))} {config.get('corpus', 'forget')} examples, "
+            f"lr={_number(config.get('lr'))}, ")
+    if config.get("max_steps") not in (None, "None", ""):
+        text += f"{_number(config['max_steps'])} steps"
+    else:
+        epochs = _number(config.get("epochs"))
+        text += f"{epochs} epoch{'' if epochs == '1' else 's'}"
+    text += f", {config.get('mode', 'full')}, {config.get('schedule', 'linear')}"
+    if config.get("dtype") not in (None, "float32"):
+        text += f", {config['dtype']}"
+    return text
+
+
+def _at(curve: list[dict], step: int) -> dict | None:
+    """The curve's point at ``step``, or the last one before it."""
+    before = [p for p in curve if p["step"] <= step]
+    return before[-1] if before else None
+
+
+def tamper_table(attacked: list[dict], retain_task: str = "retain",
+                 chance: float | None = None) -> str:
+    """The seed runs' tamper table for attacked models (``{"label", "results"}`` each): attack
+    config, forget accuracy at step 0, halfway and at the end, the worst (and its step), the
+    recovery, the steps to the declared level, and the retain accuracy at the start and end
+    beside it. A model whose retain accuracy is within 0.1 of chance is marked collapsed: it
+    resists only because it knows nothing."""
+    rows = []
+    for model in attacked:
+        for r in model["results"]:
+            curve = r["curve"]
+            end = curve[-1]["step"] if curve else 0
+            mid = _at(curve, end // 2) if curve else None
+            note = []
+            if model.get("worst_attack") == r["attack"]:
+                note.append("worst of the suite")
+            start_retain = curve[0]["retain_acc"] if curve else None
+            if chance is not None and start_retain is not None and start_retain < chance + 0.1:
+                note.append(f"collapsed ({retain_task} near chance): resistance means nothing")
+            level = r.get("steps_to_level")
+            rows.append([
+                model["label"], r["attack"], _attack_config(r["config"]),
+                _percent(curve[0]["forget_acc"]) if curve else "-",
+                f"{_percent(mid['forget_acc'])} ({mid['step']})" if mid else "-",
+                f"{_percent(curve[-1]['forget_acc'])} ({end})" if curve else "-",
+                f"{_percent(r['worst'])} ({_number(r['worst_step'])})",
+                f"{100 * r['recovery']:+.2f} pp" if r.get("recovery") is not None else "-",
+                "-" if level is None else _number(level),
+                f"{_percent(start_retain)} → {_percent(curve[-1]['retain_acc'])}"
+                if curve else "-", "; ".join(note)])
+    return markdown_table(["model", "attack", "attack config", "step 0", "halfway (step)",
+                           "end (step)", "worst (step)", "recovery", "steps to level",
+                           f"{retain_task} start → end", "notes"], rows)
+
+
+def render_attacks(experiment: str, attacked: list[dict], fmt: str = "md") -> str:
+    """An experiment of ``raylens attack`` runs: the tamper table (md) or its data (json, csv:
+    one row per attack)."""
+    if fmt == "json":
+        return json.dumps({"experiment": experiment, "attacks": attacked}, indent=1)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        fields = ["model", "attack", "start", "worst", "worst_step", "recovery",
+                  "steps_to_level", "retain_end"]
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for model in attacked:
+            for r in model["results"]:
+                writer.writerow({"model": model["label"], **{k: r.get(k) for k in fields[1:]}})
+        return buffer.getvalue().rstrip("\n")
+    return tamper_table(attacked)
+
+
+def plot_attack_curves(results: list[dict], tasks: list[str], path: Path) -> None:
+    """Forget (solid) and retain (dashed) accuracy against attack step, one colour per
+    attack, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(results):
+        steps = [p["step"] for p in r["curve"]]
+        colour = f"C{i % 10}"
+        ax.plot(steps, [p["forget_acc"] for p in r["curve"]], "-o", color=colour, ms=3,
+                label=f"{r['attack']}: {tasks[0]}")
+        ax.plot(steps, [p["retain_acc"] for p in r["curve"]], "--", color=colour,
+                label=f"{r['attack']}: {tasks[1]}")
+    ax.set_xlabel("attack step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("fine-tuning attacks: forget (solid) and retain (dashed) accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

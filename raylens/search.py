@@ -29,12 +29,13 @@ from raylens.config import SweepConfig, redact_url, replace, to_flat
 from raylens.evaluate import evaluate_base
 from raylens.pareto import beaten_by, pareto_front
 from raylens.preflight import preflight
-from raylens.ray_train import DRIVER_RESOURCE, connect_ray, fit_on_ray
+from raylens.ray_train import DRIVER_RESOURCE, attack_on_ray, connect_ray, fit_on_ray
 from raylens.report import markdown_table
 from raylens.tracking import (
     Tracker,
     fail_open_trial,
     finish_sweep,
+    record_attack,
     record_failure,
     record_trial,
     start_sweep,
@@ -100,6 +101,28 @@ def objectives(report: dict, sweep: SweepConfig) -> dict:
             "infeasible": reason, "constraint": constraint}
 
 
+METRICS = {"forget_acc": ("wmdp", "min"), "attack_acc": ("attack_wmdp", "min"),
+           "retain_acc": ("mmlu", "max")}
+"""Each row objective's Tune metric and direction."""
+
+
+def attack_stage(sweep: SweepConfig, config, out: Path, trial_id: str,
+                 toyworld: str | None) -> dict:
+    """The sweep's attack suite on a trial's export, as a Ray Train job on the trial's
+    workers: ``{"attack_wmdp": the suite's worst forget accuracy, "attack": the suite}``."""
+    from raylens.config import uses_toyworld
+    from raylens.recipes import suite
+
+    assert sweep.attack_suite is not None
+    attacks, guard = suite(sweep.attack_suite, real=not uses_toyworld(config))
+    result = attack_on_ray(out / "model", attacks, out / "attack", data=config.data,
+                           eval_config=config.eval,
+                           tasks=(sweep.forget_task, sweep.retain_task), scaling=config.scaling,
+                           storage_path=paths(sweep).train, name=f"{trial_id}-attack",
+                           toyworld=Path(toyworld) if toyworld else None, retain_guard=guard)
+    return {"attack_wmdp": result["worst"], "attack": result}
+
+
 def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
            tracker: Tracker | None = None) -> None:
     """One trial (a Tune function trainable): base config + sampled settings -> Ray Train run ->
@@ -130,7 +153,15 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
                   "retain_loss": report["retain_loss"], "forget_loss": report["forget_loss"],
                   "num_steps": report["num_steps"], "trial_dir": str(out),
                   **{f"acc/{task}": s["acc"] for task, s in report["eval"].items()}}
+        suite = None
+        if sweep.attack_suite:
+            stage = attack_stage(sweep, config, out, trial_id, toyworld)
+            suite = stage["attack"]
+            result |= {"attack_wmdp": stage["attack_wmdp"], "attack_worst": suite["worst_attack"],
+                       "attack_recovery": suite["recovery"]}
         if tracker:
+            if suite is not None:
+                record_attack(tracker.client, run_id, suite, str(sweep.attack_suite))
             record_trial(tracker, run_id, report=report, result=result, out=out,
                          max_model_mb=config.tracking.max_model_mb)
     except Exception as exc:
@@ -191,7 +222,8 @@ def _searcher(sweep: SweepConfig, study_url: str):
     first = [base_point(sweep)] if sweep.evaluate_base_first else None
     return _ConstrainedOptunaSearch(
         space=OptunaSearch.convert_search_space(_tune_space(sweep.space)),
-        metric=["wmdp", "mmlu"], mode=["min", "max"],
+        metric=[METRICS[k][0] for k in sweep.objectives],
+        mode=[METRICS[k][1] for k in sweep.objectives],
         points_to_evaluate=first, sampler=sampler, study_name=sweep.name,
         storage=optuna.storages.RDBStorage(study_url))
 
@@ -324,21 +356,22 @@ def _tuner(sweep: SweepConfig, where: SweepPaths, trainable, tracker: Tracker | 
     )
 
 
-def _rows(grid) -> list[dict]:
-    """One row per trial of Tune's results, ``pareto`` marked."""
+def _rows(grid, keys: tuple[str, ...]) -> list[dict]:
+    """One row per trial of Tune's results, ``pareto`` marked on the objectives ``keys``."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         rows.append({
             "trial_id": metrics.get("trial_id") or Path(result.path).name,
             "forget_acc": metrics.get("wmdp"), "retain_acc": metrics.get("mmlu"),
+            "attack_acc": metrics.get("attack_wmdp"), "attack_worst": metrics.get("attack_worst"),
             "feasible": bool(metrics.get("feasible")),
             "infeasible": metrics.get("infeasible", "error" if result.error else ""),
             "params": dict(result.config or {}),
             "error": str(result.error)[:500] if result.error else None,
             "trial_dir": metrics.get("trial_dir"),
         })
-    front = {id(r) for r in pareto_front([r for r in rows if r["forget_acc"] is not None])}
+    front = {id(r) for r in pareto_front(rows, keys)}
     for row in rows:
         row["pareto"] = id(row) in front
     return rows
@@ -376,7 +409,7 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print,
     if tracker:
         update_front(tracker)
         finish_sweep(tracker)
-    rows = _rows(grid)
+    rows = _rows(grid, sweep.objectives)
     if sweep.keep_exports == "front":
         dropped = _drop_dominated_exports(rows, where)
         log(f"keep_exports=front: deleted the exports of {len(dropped)} dominated trials")
@@ -394,15 +427,19 @@ def optuna_front(sweep: SweepConfig) -> list[str]:
 def front_table(rows: list[dict], sweep: SweepConfig) -> str:
     """A markdown table of every trial, Pareto points first, marked."""
     keys = list(sweep.space)
-    order = sorted(rows, key=lambda r: (not r["pareto"], r["forget_acc"] if r["forget_acc"]
+    first = sweep.objectives[0]
+    order = sorted(rows, key=lambda r: (not r["pareto"], r[first] if r[first]
                                         is not None else 2, -(r["retain_acc"] or 0)))
     acc = lambda v: f"{v:.4f}" if v is not None else "-"
-    cells = [["*" if r["pareto"] else "", acc(r["forget_acc"]), acc(r["retain_acc"]),
-              r["infeasible"] or ("error" if r["error"] else "ok"),
+    attacked = sweep.attack_suite is not None
+    cells = [["*" if r["pareto"] else "", acc(r["forget_acc"]),
+              *([acc(r["attack_acc"]), r["attack_worst"] or "-"] if attacked else []),
+              acc(r["retain_acc"]), r["infeasible"] or ("error" if r["error"] else "ok"),
               *[f"{r['params'][k]:.3g}" if isinstance(r["params"].get(k), float)
                 else str(r["params"].get(k, "-")) for k in keys], r["trial_id"]] for r in order]
-    return markdown_table(["pareto", sweep.forget_task, sweep.retain_task, "status", *keys,
-                           "trial"], cells)
+    after = [f"{sweep.forget_task} after {sweep.attack_suite} attacks", "worst attack"]
+    return markdown_table(["pareto", sweep.forget_task, *(after if attacked else []),
+                           sweep.retain_task, "status", *keys, "trial"], cells)
 
 
 def connect_or_start(sweep: SweepConfig) -> None:
@@ -421,10 +458,11 @@ def compare_to_base(rows: list[dict], sweep: SweepConfig) -> str:
     """One line: the base (hand-tuned) trial's objectives and the trials that beat it on one
     objective without losing on the other."""
     base = base_point(sweep)
-    first = next((r for r in rows if r["params"] == base and r["forget_acc"] is not None), None)
+    first = next((r for r in rows if r["params"] == base
+                  and all(r[k] is not None for k in sweep.objectives)), None)
     if first is None:
         return "the base config was not among the finished trials"
-    better = beaten_by(first, rows)
+    better = beaten_by(first, rows, sweep.objectives)
     head = (f"hand-tuned base ({', '.join(f'{k}={v:g}' for k, v in base.items())}): "
             f"{sweep.forget_task} {first['forget_acc']:.4f}, {sweep.retain_task} {first['retain_acc']:.4f}")
     if not better:

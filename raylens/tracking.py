@@ -31,7 +31,14 @@ from mlflow.tracking import MlflowClient
 
 from raylens.config import SweepConfig, TrackingConfig, UnlearnConfig, to_flat
 from raylens.pareto import pareto_levels
-from raylens.report import REPORT_FORMATS, plot_front_html, plot_front_png, render_report
+from raylens.report import (
+    REPORT_FORMATS,
+    plot_attack_curves,
+    plot_front_html,
+    plot_front_png,
+    render_attacks,
+    render_report,
+)
 
 DEFAULT_URI = "sqlite:///raylens-mlflow.db"
 STEP_METRICS = ("retain_loss", "forget_loss", "retain_weight", "forget_weight", "loss", "lr",
@@ -168,7 +175,8 @@ def start_sweep(sweep: SweepConfig, baseline: dict | None = None) -> Tracker:
             baseline = None  # logged when the sweep started
     else:
         tags = {"role": "sweep", "sweep": sweep.name, "forget_task": sweep.forget_task,
-                "retain_task": sweep.retain_task, **_provenance()}
+                "retain_task": sweep.retain_task, "objectives": ",".join(sweep.objectives),
+                "attack_suite": sweep.attack_suite or "", **_provenance()}
         run_id = client.create_run(exp, run_name=sweep.name, tags=tags).info.run_id
         params = {"num_trials": sweep.num_trials, "forget_task": sweep.forget_task,
                   "retain_task": sweep.retain_task, "retain_floor": sweep.retain_floor,
@@ -391,7 +399,8 @@ def trial_rows(client: MlflowClient, experiment: str) -> tuple[dict, list[dict]]
         rows.append({
             "trial_id": tags.get("trial_id", run.info.run_name), "run_id": run.info.run_id,
             "status": tags.get("status", "unknown"), "forget_acc": _float(metrics, "wmdp"),
-            "retain_acc": _float(metrics, "mmlu"), "feasible": tags.get("feasible") == "true",
+            "retain_acc": _float(metrics, "mmlu"), "attack_acc": _float(metrics, "attack/worst"),
+            "feasible": tags.get("feasible") == "true",
             "pareto": tags.get("pareto") == "true",
             "pareto_rank": int(tags["pareto_rank"]) if tags.get("pareto_rank") else None,
             "params": dict(run.data.params), "metrics": dict(metrics), "tags": dict(tags)})
@@ -408,8 +417,9 @@ def update_front(tracker: Tracker) -> list[dict]:
     experiment = client.get_experiment(tracker.experiment_id).name
     parent, rows = trial_rows(client, experiment)
     done = [r for r in rows if r["status"] not in ("running", "unknown")]
-    scored = [r for r in done if r["forget_acc"] is not None and r["retain_acc"] is not None]
-    levels = pareto_levels(scored)
+    keys = objectives_of(parent)
+    scored = [r for r in done if all(r[k] is not None for k in keys)]
+    levels = pareto_levels(scored, keys)
     rank_of = {id(r): level for r, level in zip(scored, levels)}
     for row in done:
         level = rank_of.get(id(row))
@@ -434,10 +444,105 @@ def update_front(tracker: Tracker) -> list[dict]:
     return front
 
 
+def objectives_of(parent: dict) -> tuple[str, ...]:
+    """The row objectives a sweep's parent run names (tag ``objectives``)."""
+    return tuple((parent["tags"].get("objectives") or "forget_acc,retain_acc").split(","))
+
+
 def report(client: MlflowClient, experiment: str, fmt: str = "md") -> str:
     """The experiment's table from MLflow alone (``report.render_report``: ``md``, ``csv`` or
-    ``json``)."""
+    ``json``), with the tamper table of every run that was attacked: a sweep's trials, or the
+    ``raylens attack`` runs of an experiment without a sweep."""
     if fmt not in REPORT_FORMATS:
         raise ValueError(f"format={fmt!r} is invalid: allowed one of {', '.join(REPORT_FORMATS)}")
-    parent, rows = trial_rows(client, experiment)
-    return render_report(experiment, parent, rows, fmt)
+    try:
+        parent, rows = trial_rows(client, experiment)
+    except ValueError:
+        attacked = attack_runs(client, experiment)
+        if not attacked:
+            raise
+        return render_attacks(experiment, attacked, fmt)
+    attacked = [attack_results(client, r["run_id"], r["trial_id"]) for r in rows
+                if r["tags"].get("attack_suite")]
+    return render_report(experiment, parent, rows, fmt, attacks=attacked)
+
+
+# --- fine-tuning attacks ----------------------------------------------------------------------
+
+def record_attack(client: MlflowClient, run_id: str, suite: dict, suite_name: str) -> None:
+    """Log an attack suite's result on run ``run_id``: every attack's settings as params
+    (``attack.<name>.<field>``), its curves as metrics by step (``attack/<name>/forget_acc``,
+    ``.../retain_acc``), its start, worst, recovery and steps to its level; the suite's worst
+    case (``attack/worst``, tag ``attack_worst``); ``attack/suite.json`` and the curves' plot."""
+    now = int(time.time() * 1000)
+    params, metrics = [], []
+    for result in suite["results"]:
+        name = result["attack"]
+        params += [Param(f"attack.{name}.{k}", _param_value(v)) for k, v in
+                   result["config"].items() if k != "name"]
+        for point in result["curve"]:
+            metrics += [Metric(f"attack/{name}/{k}", float(point[k]), now, int(point["step"]))
+                        for k in ("forget_acc", "retain_acc")]
+        values = {k: result[k] for k in ("start", "worst", "worst_step", "recovery",
+                                         "retain_end", "steps_to_level", "train_s")}
+        metrics += [Metric(f"attack/{name}/{k}", float(v), now, 0) for k, v in values.items()
+                    if v is not None]
+    metrics += [Metric(f"attack/{k}", float(suite[k]), now, 0)
+                for k in ("worst", "recovery", "train_s", "eval_s")]
+    tags = [RunTag("attack_suite", suite_name), RunTag("attack_worst", suite["worst_attack"]),
+            RunTag("attacks", ",".join(suite["attacks"]))]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100], tags=tags if i == 0 else [])
+    if not params:
+        client.log_batch(run_id, tags=tags)
+    _log_text(client, run_id, "attack/suite.json", json.dumps(suite, indent=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "curves.png"
+        plot_attack_curves(suite["results"], suite["tasks"], png)
+        client.log_artifact(run_id, str(png), "attack")
+
+
+def attack_run(tracking: TrackingConfig, model_dir: Path, suite_name: str) -> tuple[str, str]:
+    """A new run for one ``raylens attack`` (experiment ``tracking.experiment``, named after the
+    attacked folder, tags ``role=attack`` and ``model_path``); ``(uri, run id)``."""
+    uri, client, exp = _experiment(tracking, tracking.experiment)
+    folder = str(Path(model_dir).resolve())
+    run = client.create_run(exp, run_name=f"attack {Path(folder).parent.name}/"
+                            f"{Path(folder).name}", tags={"role": "attack", "model_path": folder,
+                                                          "attack_suite": suite_name,
+                                                          **_provenance()})
+    return uri, run.info.run_id
+
+
+def attack_results(client: MlflowClient, run_id: str, label: str) -> dict:
+    """An attacked run's suite read back from MLflow: ``{"label", "results": [{"attack",
+    "config", "curve", "worst", "worst_step", "recovery", "retain_end", ...}]}``."""
+    run = client.get_run(run_id)
+    metrics, params = run.data.metrics, run.data.params
+    results = []
+    for name in filter(None, run.data.tags.get("attacks", "").split(",")):
+        history = {k: {m.step: m.value for m in client.get_metric_history(
+            run_id, f"attack/{name}/{k}")} for k in ("forget_acc", "retain_acc")}
+        curve = [{"step": step, "forget_acc": acc, "retain_acc": history["retain_acc"].get(step)}
+                 for step, acc in sorted(history["forget_acc"].items())]
+        config = {k[len(f"attack.{name}."):]: v for k, v in params.items()
+                  if k.startswith(f"attack.{name}.")}
+        results.append({"attack": name, "config": config, "curve": curve,
+                        **{k: metrics.get(f"attack/{name}/{k}") for k in (
+                            "start", "worst", "worst_step", "recovery", "retain_end",
+                            "steps_to_level")}})
+    return {"label": label, "run_id": run_id, "results": results,
+            "worst_attack": run.data.tags.get("attack_worst")}
+
+
+def attack_runs(client: MlflowClient, experiment: str) -> list[dict]:
+    """Every ``raylens attack`` run of ``experiment``, oldest first, read back."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], "tags.role = 'attack'", max_results=5000,
+                              order_by=["attributes.start_time ASC"])
+    return [attack_results(client, r.info.run_id, r.data.tags.get("model_path", r.info.run_name))
+            for r in runs]

@@ -129,7 +129,9 @@ class Run:
     """What forward passes go through: the model or its DDP wrapper (``Plan.wrap``)."""
     tokenizer: Any
     lens: Any
-    reference: Reference
+    """The frozen tuned lens (None in an attack, whose loss reads no lens)."""
+    reference: Reference | None
+    """The frozen reference of the retain loss (None in an attack)."""
     layers: tuple[int, ...]
     retain_layers: tuple[int, ...]
     data: Any
@@ -162,7 +164,8 @@ def setup(config: UnlearnConfig, toyworld: Path | None = None,
     steps_per_epoch = len(data) // config.batch.global_batch
     total_steps = steps_per_epoch * config.batch.epochs
     optimizers = build_optimizers(model, config.optim)
-    schedulers = build_schedulers(optimizers, total_steps, config.optim.warmup_ratio)
+    schedulers = build_schedulers(optimizers, total_steps, config.optim.warmup_ratio,
+                                  config.optim.schedule)
     # hidden_states holds the embeddings and the output of every block: num_layers + 1
     retain_layers = layers if config.loss.retain_layers == "target" \
         else tuple(range(model.config.num_hidden_layers + 1))
@@ -175,6 +178,7 @@ def loss_step(run: Run, forget, retain, targets, num_forget, num_retain):
     """``(L_forget, L_retain)`` of one micro-batch: per-token losses summed and divided by the
     global batch's real-token counts (or the retain reduction's denominator)."""
     config, precision = run.config, run.plan.precision(run.config)
+    assert run.reference is not None, "an unlearning run has a reference"
     with precision:
         out = run.forward(input_ids=forget.input_ids, attention_mask=forget.attention_mask,
                           output_hidden_states=True)
@@ -204,8 +208,7 @@ def _micro_batches(run: Run, step: int) -> tuple[int, list, list]:
     indices = run.data.epoch_order(epoch, config.seed)[i * global_batch : (i + 1) * global_batch]
     indices = indices[plan.rank * local_batch : (plan.rank + 1) * local_batch]
     micro_indices = [indices[j : j + micro] for j in range(0, local_batch, micro)]
-    batches = [(f.to(plan.device), r.to(plan.device))
-               for f, r in map(run.data.batch, micro_indices)]
+    batches = [tuple(b.to(plan.device) for b in run.data.batch(idx)) for idx in micro_indices]
     return epoch, batches, micro_indices
 
 
@@ -234,7 +237,20 @@ def train_step(run: Run, step: int) -> dict:
         forget_sum += l_forget.item()
         retain_sum += l_retain.item()
     forget_sum, retain_sum = all_reduce_sum([forget_sum, retain_sum])
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, config.optim.grad_clip)
+    stepped = optimizer_step(run)
+    return {
+        "step": step + 1, "epoch": epoch, "retain_loss": retain_sum,
+        "forget_loss": forget_sum, "retain_weight": c_r, "forget_weight": c_f,
+        "loss": c_r * retain_sum + c_f * forget_sum, "lr": stepped.pop("lr"),
+        "grad_norm": stepped.pop("grad_norm"),
+        "tokens_per_s": (num_forget + num_retain) / (time.perf_counter() - start), **stepped,
+    }
+
+
+def optimizer_step(run: Run) -> dict:
+    """After a step's backward passes: clip the global gradient norm, step the optimizers and
+    schedules, clear the gradients; ``{"lr", "grad_norm"}`` (and ``adam_lr`` under Muon)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.config.optim.grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                  else grad_norm).item()
     # the lr of the first optimizer (Muon's in Muon runs); AdamW's beside it under Muon
@@ -242,21 +258,17 @@ def train_step(run: Run, step: int) -> dict:
     for opt in run.optimizers:
         opt.step()
     if run.resident is None:  # weights, gradients and optimizer state all exist now
-        extra = (run.reference.model,) if config.mode.kind == "full" else ()
+        extra = ((run.reference.model,) if run.reference is not None
+                 and run.config.mode.kind == "full" else ())
         run.resident = resident_bytes(run.model, *extra, optimizers=run.optimizers)
     for sched in run.schedulers:
         sched.step()
     for opt in run.optimizers:
         opt.zero_grad(set_to_none=True)
-    record = {
-        "step": step + 1, "epoch": epoch, "retain_loss": retain_sum,
-        "forget_loss": forget_sum, "retain_weight": c_r, "forget_weight": c_f,
-        "loss": c_r * retain_sum + c_f * forget_sum, "lr": lr, "grad_norm": grad_norm,
-        "tokens_per_s": (num_forget + num_retain) / (time.perf_counter() - start),
-    }
+    out = {"lr": lr, "grad_norm": grad_norm}
     if len(run.optimizers) > 1:
-        record["adam_lr"] = adam_lr
-    return record
+        out["adam_lr"] = adam_lr
+    return out
 
 
 def _log_progress(log, record: dict, total_steps: int) -> None:
@@ -284,6 +296,19 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
     ``scaling.checkpoint_every`` steps; ``on_step(record)`` sees every step's metrics.
     ``device``: where to train (default: CPU, or the current GPU with ``scaling.use_gpu``)."""
     run = setup(config, toyworld, device)
+    history, first = loop(run, train_step, log=log, checkpoints=checkpoints, on_step=on_step)
+    return TrainResult(run.model, run.tokenizer, history, run.layers, resumed_from=first,
+                       resident_bytes=run.resident or 0, source_dtype=run.source_dtype,
+                       reference=run.reference, plan=run.plan)
+
+
+def loop(run: Run, step_fn, *, log=print, checkpoints=None, on_step=None,
+         progress=None) -> tuple[list[dict], int]:
+    """Take ``run.total_steps`` steps of ``step_fn(run, step) -> record`` (the unlearning step,
+    or an attack's): resume from the latest of ``checkpoints`` and write one every
+    ``scaling.checkpoint_every`` steps, log progress, call ``on_step(record)``; leaves the
+    model in eval mode. Returns ``(history, the step it resumed from)``."""
+    config = run.config
     state = {"model": run.model, "optimizers": run.optimizers, "schedulers": run.schedulers}
     history: list[dict] = []
     first = 0
@@ -294,9 +319,9 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
                 log(f"resumed from {folder} at step {first}/{run.total_steps}")
     every = config.scaling.checkpoint_every
     for step in range(first, run.total_steps):
-        record = train_step(run, step)
+        record = step_fn(run, step)
         history.append(record)
-        _log_progress(log, record, run.total_steps)
+        (progress or _log_progress)(log, record, run.total_steps)
         if checkpoints is not None and every and (step + 1) % every == 0 \
                 and step + 1 < run.total_steps:
             checkpoints.save(step + 1, lambda folder: write_checkpoint(
@@ -304,9 +329,7 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
         if on_step is not None:
             on_step(record)
     run.model.eval()
-    return TrainResult(run.model, run.tokenizer, history, run.layers, resumed_from=first,
-                       resident_bytes=run.resident or 0, source_dtype=run.source_dtype,
-                       reference=run.reference, plan=run.plan)
+    return history, first
 
 
 def save_run(result: TrainResult, config: UnlearnConfig, out: Path) -> Path:
