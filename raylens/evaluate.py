@@ -372,6 +372,12 @@ def choice_logliks(model, questions: list[Question], *, batch_size: int = 32,
     was_training = model.training
     model.eval()
     try:
+        if root is not None:
+            # FSDP2 initialises its sharded tree at the root's first forward; a body called
+            # first would make block 0 a root of its own and the model's next forward fail
+            # ("FSDP state has already been lazily initialized"): a fresh model, scored before
+            # it trains (an attack's step 0), needs this. Every rank runs it.
+            root(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
         for b in range(0, len(order), batch_size):
             done = f" after {b} of {len(order)} questions"
             if before_batch is not None:

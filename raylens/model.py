@@ -120,17 +120,18 @@ def apply_lora(model, mode: ModeConfig, target_layers: tuple[int, ...], *,
                gradient_checkpointing: bool = False):
     """Wrap ``model`` with a LoRA adapter on layers ``0..max(target_layers)`` (PEFT's default
     target modules unless ``mode.lora_target_modules`` names others; ``("all-linear",)`` is
-    PEFT's every linear layer but the output head)."""
+    PEFT's every linear layer but the output head, on every layer)."""
     from peft import LoraConfig, get_peft_model
 
     modules = list(mode.lora_target_modules) if mode.lora_target_modules else None
+    every_linear = modules == ["all-linear"]  # PEFT takes it as a string, on every layer
     lora = LoraConfig(
         r=mode.lora_rank,
         lora_alpha=mode.lora_alpha,
         lora_dropout=mode.lora_dropout,
         bias="none",
-        target_modules="all-linear" if modules == ["all-linear"] else modules,
-        layers_to_transform=list(range(max(target_layers) + 1)),
+        target_modules="all-linear" if every_linear else modules,
+        layers_to_transform=None if every_linear else list(range(max(target_layers) + 1)),
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import run_ranks
 
 from raylens.attack import check, run_config, run_suite, summarize, worst_case
 from raylens.config import (
@@ -250,3 +251,35 @@ def test_raylens_attack_on_two_workers_records_curves_plot_and_tamper_table(worl
     worst = suite_result["results"][0]["worst"]
     assert f"{100 * worst:.2f}%" in line and "worst of the suite" in line
     assert not math.isnan(worst)
+
+
+def _attack_on_ranks(rank, world, model, toyworld, mode):
+    """One small attack on ``world`` gloo ranks (or in one process when world is 0)."""
+    if world:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    attack = AttackConfig(mode=mode, num_examples=32, global_batch=8, per_device_batch=4,
+                          max_steps=4, eval_every=2, lr=1e-3)
+    from raylens.attack import run_attack
+
+    result = run_attack(model, attack, data=DataConfig(), eval_config=EvalConfig(),
+                        tasks=("toy_wmdp", "toy_mmlu"), toyworld=toyworld, log=lambda *_: None,
+                        scaling=ScalingConfig(num_workers=max(world, 1)))
+    return result["curve"]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_an_attack_on_two_ranks_scores_as_one_process(world, mode):
+    """A full attacker trains under FSDP2, a LoRA one under DDP: both ranks report the same
+    curve, the one-process curve. The full attacker's first evaluation comes before any
+    training forward, which once left FSDP2's root uninitialised ("FSDP state has already been
+    lazily initialized for gpt_neox.layers.0" at the first training step)."""
+    single = _attack_on_ranks(0, 0, str(world.model), world.root, mode)
+    ranks = run_ranks(_attack_on_ranks, 2, str(world.model), world.root, mode)
+    assert not any(isinstance(r, tuple) and r[0] == "error" for r in ranks), ranks
+    assert ranks[0] == ranks[1]
+    assert [p["step"] for p in single] == [0, 2, 4] == [p["step"] for p in ranks[0]]
+    for one, two in zip(single, ranks[0]):
+        assert abs(one["forget_acc"] - two["forget_acc"]) <= 1 / 192  # at most one question
+        assert abs(one["retain_acc"] - two["retain_acc"]) <= 1 / 192
+        if one["loss"] is not None:
+            assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
