@@ -2,9 +2,10 @@
 
 A trial of ``raylens demo`` trains the ``sft_adamw`` recipe on the toy world (1,024 document
 pairs, 2 epochs, 64 steps). This times that run's training alone (``train.train``; the
-in-trial evaluation and the export are not counted, which makes the budget stricter), exports
-it, then runs the short suite on the export (3 attacks: full, LoRA,
-benign; 16 steps each, 3 evaluations each), and prints the seconds of each and their ratio.
+in-trial evaluation and the export are not counted, which makes the budget stricter), scores
+and exports it as a trial's workers do, then runs the short suite on the export as the same
+workers do next (3 attacks: full, LoRA, benign; 12 steps each, evaluated at steps 6 and 12
+after a shared step 0), and prints the seconds of each and their ratio.
 The suite's time includes loading the model for every attack and every evaluation, so it is
 what a trial pays. The issue's budget: at most a quarter of the trial's training time.
 
@@ -26,6 +27,7 @@ from raylens.recipes import demo_sweep, suite
 
 def main() -> None:
     """Time a demo trial's training and the short suite on its export; print the ratio."""
+    from raylens.evaluate import evaluate_live
     from raylens.train import save_run, train
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,6 +43,9 @@ def main() -> None:
             start = time.perf_counter()
             trial = train(config, toyworld=world.root, log=lambda *_: None)
             trained = time.perf_counter() - start  # training alone: the strict budget
+            # the trial's in-trial scoring, as the worker runs it before the attack stage (it
+            # loads the questions the attacks score again)
+            evaluate_live(trial.model, trial.tokenizer, config.eval, world.root)
             save_run(trial, config, Path(tmp) / "trial")
             start = time.perf_counter()
             result = run_suite(Path(tmp) / "trial" / "model", attacks, Path(tmp) / "attack",

@@ -61,6 +61,11 @@ def run_config(attack: AttackConfig, model_dir: Path | str, *, data: DataConfig,
     """The attack as the training loop reads a run: the attacked folder as the model, the
     attack's documents, optimizer, schedule, batch and dtype; no checkpoints, no tracking.
     A rule broken between the attack and the workers names the attack's field."""
+    workers = scaling.num_workers
+    if attack.per_device_batch is None and attack.global_batch % workers:
+        raise ConfigError(f"attack.global_batch={attack.global_batch} is invalid: allowed a "
+                          f"multiple of scaling.num_workers={workers} (each worker takes an "
+                          f"equal share) (attack {attack.name!r})")
     try:
         return UnlearnConfig(
             model=ModelConfig(name_or_path=str(model_dir), dtype=attack.dtype),
@@ -73,8 +78,9 @@ def run_config(attack: AttackConfig, model_dir: Path | str, *, data: DataConfig,
             mode=ModeConfig(kind=attack.mode, lora_rank=attack.lora_rank,
                             lora_alpha=float(attack.lora_rank), lora_dropout=0.0,
                             lora_target_modules=("all-linear",)),
-            batch=BatchConfig(global_batch=attack.global_batch,
-                              per_device_batch=attack.per_device_batch, epochs=attack.epochs),
+            batch=BatchConfig(global_batch=attack.global_batch, epochs=attack.epochs,
+                              per_device_batch=attack.per_device_batch
+                              or max(1, attack.global_batch // scaling.num_workers)),
             scaling=dataclasses.replace(scaling, checkpoint_every=0), eval=eval_config,
             tracking=TrackingConfig(enabled=False), seed=attack.seed)
     except ConfigError as exc:
@@ -180,14 +186,21 @@ def summarize(attack: AttackConfig, curve: list[dict], *,
 def run_attack(model_dir: Path | str, attack: AttackConfig, *, data: DataConfig,
                eval_config: EvalConfig, tasks: tuple[str, str], scaling: ScalingConfig,
                toyworld: Path | None = None, log=print,
-               retain_guard: float | None = None) -> dict:
+               retain_guard: float | None = None, shared: dict | None = None) -> dict:
     """Attack the model in ``model_dir`` once (on every rank of a process group, or in one
     process); ``tasks`` = ``(forget task, retain task)``. Returns ``summarize``'s result with
-    ``train_s`` (the attack's training, evaluations excluded) and ``eval_s``."""
+    ``train_s`` (the attack's training, evaluations excluded) and ``eval_s``. ``shared``: what
+    the attacks of one suite reuse (the encoded questions and the step-0 scores: every attack
+    starts from the same weights, a fresh LoRA adapter changing no output), filled by the
+    first."""
     config = run_config(attack, model_dir, data=data, eval_config=eval_config, scaling=scaling)
     forget_task, retain_task = tasks
     run = setup(attack, config, toyworld)
-    questions = eval_questions(config.eval, run.tokenizer, toyworld, run.model.config)
+    shared = {} if shared is None else shared
+    if "questions" not in shared:
+        shared["questions"] = eval_questions(config.eval, run.tokenizer, toyworld,
+                                             run.model.config)
+    questions = shared["questions"]
     curve: list[dict] = []
     timing = {"eval_s": 0.0}
 
@@ -205,7 +218,11 @@ def run_attack(model_dir: Path | str, attack: AttackConfig, *, data: DataConfig,
             score(record["step"], record["loss"])
 
     begin = time.perf_counter()
-    score(0, None)
+    if "start" in shared:
+        curve.append(dict(shared["start"]))
+    else:
+        score(0, None)
+        shared["start"] = dict(curve[0])
     loop(run, attack_step, log=log, on_step=on_step, progress=lambda *_: None)
     result = summarize(attack, curve, retain_guard=retain_guard)
     result["eval_s"] = timing["eval_s"]
@@ -238,6 +255,7 @@ def run_suite(model_dir: Path | str, attacks: list[AttackConfig], out: Path | st
     out = Path(out)
     rank, _ = rank_and_world()
     results = []
+    shared: dict = {}
     for attack in attacks:
         path = out / f"{attack.name}.json"
         if path.exists():
@@ -245,7 +263,7 @@ def run_suite(model_dir: Path | str, attacks: list[AttackConfig], out: Path | st
             continue
         result = run_attack(model_dir, attack, data=data, eval_config=eval_config, tasks=tasks,
                             scaling=scaling, toyworld=toyworld, log=log,
-                            retain_guard=retain_guard)
+                            retain_guard=retain_guard, shared=shared)
         results.append(result)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)

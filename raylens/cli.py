@@ -11,6 +11,9 @@
                                       --resume continues an interrupted run from its checkpoint
     raylens attack MODEL_DIR [--suite seed|short|long] [--examples N --lr X --eval-every K ...]
                                       fine-tuning attacks on an unlearned model: the tamper table
+    raylens finalize SWEEP [--suite long]
+                                      the finalists re-scored on every question, attacked, the
+                                      final front
     raylens report EXPERIMENT [--format md|csv|json]
                                       a sweep's table in the seed runs' shape, from MLflow alone
     raylens ui [--port P]             the MLflow UI of the local store on 127.0.0.1
@@ -303,8 +306,6 @@ def cmd_attack(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise ConfigError(f"--out={str(out)!r} is invalid: allowed a new or empty folder (or "
                           "--resume to finish the suite written there)")
-    kwargs = dict(data=base.data, eval_config=eval_config, tasks=tasks, scaling=scaling,
-                  toyworld=toyworld, retain_guard=guard)
     from raylens.attack import check
 
     check(attacks, folder, data=base.data, eval_config=eval_config, scaling=scaling,
@@ -313,15 +314,17 @@ def cmd_attack(args) -> int:
     if args.workers is None and args.gpus is None:
         from raylens.attack import run_suite
 
-        result = run_suite(folder, attacks, out, **kwargs)
+        result = run_suite(folder, attacks, out, data=base.data, eval_config=eval_config,
+                           tasks=tasks, scaling=scaling, toyworld=toyworld, retain_guard=guard)
     else:
         import ray
 
         from raylens.ray_train import attack_on_ray, connect_ray
 
         connect_ray()
-        result = attack_on_ray(folder, attacks, out, storage_path=(out / "ray").resolve(),
-                               name="attack", **kwargs)
+        result = attack_on_ray(folder, attacks, out, data=base.data, eval_config=eval_config,
+                               tasks=tasks, scaling=scaling, storage_path=(out / "ray").resolve(),
+                               name="attack", toyworld=toyworld, retain_guard=guard)
         ray.shutdown()
     print(tamper_table([{"label": str(folder), "results": result["results"],
                          "worst_attack": result["worst_attack"]}], tasks[1]))
@@ -367,6 +370,43 @@ def cmd_report(args) -> int:
         print(f"wrote {args.output}")
     else:
         print(text)
+    return 0
+
+
+def cmd_finalize(args) -> int:
+    """``raylens finalize SWEEP``: the finalists re-scored on every question and attacked with
+    a suite (``finalize.finalize``); their table, the runs updated in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from raylens import toyworld as tw
+    from raylens.config import ScalingConfig
+    from raylens.finalize import final_table, finalize
+    from raylens.recipes import suite
+    from raylens.tracking import objectives_of, trial_rows
+
+    suite(args.suite)  # a bad name is refused before anything runs
+    if args.workers is not None and args.gpus is not None:
+        raise ConfigError(f"--gpus={args.gpus} is invalid with --workers={args.workers}: allowed "
+                          "one of them")
+    client = MlflowClient(_tracking_uri(args.uri))
+    try:
+        parent, _ = trial_rows(client, args.experiment)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    toy = json.loads(parent["params"].get("eval_tasks", "[]"))[0].startswith("toy_")
+    scaling = None
+    if args.workers or args.gpus:
+        from raylens.ray_train import connect_ray
+
+        connect_ray()
+        scaling = ScalingConfig(num_workers=args.gpus or args.workers, use_gpu=bool(args.gpus),
+                                checkpoint_every=0)
+    rows = finalize(client, args.experiment, suite_name=args.suite, scaling=scaling,
+                    toyworld=tw.load_or_build(_toy_config(args)).root if toy else None)
+    tasks = {"forget": parent["tags"]["forget_task"], "retain": parent["tags"]["retain_task"]}
+    print(final_table(rows, objectives_of(parent), tasks))
+    print(f"MLflow: each finalist's run has final/<task> and final/attack/...; the final front "
+          f"is tagged final_pareto and plotted on run {args.experiment} under final/")
     return 0
 
 
@@ -590,6 +630,16 @@ def _add_tool_commands(sub) -> None:
     cl_sub.add_parser("start-services", help="on the head: PostgreSQL, MLflow, Optuna dashboard")
     cl_sub.add_parser("stop-services", help="on the head: stop them")
     cl.set_defaults(func=cmd_cluster)
+
+    fin = sub.add_parser("finalize", help="a sweep's finalists re-scored on every question and "
+                         "attacked with the long suite; the final front")
+    fin.add_argument("experiment", help="MLflow experiment: the sweep's name")
+    fin.add_argument("--suite", default="long", help="attack suite (default long)")
+    fin.add_argument("--uri", default=None, help="tracking URI (default as for report)")
+    fin.add_argument("--workers", type=int, default=None, help="attacks as Ray Train workers")
+    fin.add_argument("--gpus", type=int, default=None, help="... with one GPU each")
+    _seed_option(fin)
+    fin.set_defaults(func=cmd_finalize)
 
     ui = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1")
     ui.add_argument("--uri", default=None, help="tracking URI (default as for report)")

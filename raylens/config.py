@@ -534,8 +534,9 @@ class AttackConfig(_Checked):
     """Stop after this many optimizer steps (None: ``epochs`` passes)."""
     global_batch: int = _f(16, _positive_int)
     """Documents per optimizer step, summed over workers and accumulation."""
-    per_device_batch: int = _f(16, _positive_int)
-    """Documents per forward pass on one worker."""
+    per_device_batch: int | None = _f(None, _positive_int)
+    """Documents per forward pass on one worker; None: ``global_batch`` split evenly over the
+    workers (one forward pass each per step)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype (``model.dtype``'s policy: fp32 master weights under autocast or FSDP2
     mixed precision for ``full``, the frozen base in it for ``lora``)."""
@@ -550,7 +551,7 @@ class AttackConfig(_Checked):
         if self.optimizer == "muon" and self.mode != "full":
             _fail(self._section, "optimizer", self.optimizer, "'adamw' with mode='lora' "
                   "(Muon needs mode='full')")
-        if self.global_batch % self.per_device_batch:
+        if self.per_device_batch is not None and self.global_batch % self.per_device_batch:
             _fail(self._section, "global_batch", self.global_batch,
                   f"a multiple of per_device_batch={self.per_device_batch}")
         if self.num_examples < self.global_batch:

@@ -7,6 +7,7 @@ their datasets in the local Hugging Face cache. Everything is 0-shot.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import time
@@ -455,11 +456,28 @@ def accuracy(questions: list[Question], logliks: list[list[float]]) -> dict:
 # -- scoring a live model inside a run (every rank takes part) -------------------------------
 
 
+_QUESTIONS: dict[tuple, dict] = {}
+"""Encoded questions by what they depend on: loading them through lm-eval's task index takes
+seconds, and a trial scores the same ones again when its export is attacked."""
+
+
+def _tokenizer_key(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha1(f"{text}|{tokenizer.bos_token}|{tokenizer.eos_token}".encode()).hexdigest()
+
+
 def eval_questions(ev: EvalConfig, tokenizer, toyworld: Path | None, model_config):
-    """The questions of ``ev``'s tasks, encoded as the fast scorer reads them."""
-    return load_questions(ev.tasks, tokenizer, toyworld=toyworld, data_dir=ev.data_dir,
-                          subset=ev.subset, seed=ev.subset_seed,
-                          max_length=getattr(model_config, "max_position_embeddings", None))
+    """The questions of ``ev``'s tasks, encoded as the fast scorer reads them (loaded once per
+    process for the same tasks, subset, tokenizer and length limit; never modified)."""
+    max_length = getattr(model_config, "max_position_embeddings", None)
+    key = (ev.tasks, ev.subset, ev.subset_seed, ev.data_dir, str(toyworld), max_length,
+           _tokenizer_key(tokenizer))
+    if key not in _QUESTIONS:
+        _QUESTIONS[key] = load_questions(ev.tasks, tokenizer, toyworld=toyworld,
+                                         data_dir=ev.data_dir, subset=ev.subset,
+                                         seed=ev.subset_seed, max_length=max_length)
+    return _QUESTIONS[key]
 
 
 def evaluate_live(model, tokenizer, ev: EvalConfig, toyworld: Path | None = None, *,

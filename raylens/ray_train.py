@@ -82,7 +82,24 @@ def _ray_worker(loop_config: dict) -> None:
                  on_step=RayStepMetrics(loop_config["name"]) if rank == 0 else None,
                  mlflow_run=tuple(loop_config["mlflow"]) if loop_config.get("mlflow") else None,
                  evaluate=loop_config.get("evaluate", True), extra={"node_per_rank": nodes})
+    if loop_config.get("attack") and not report["eval_error"]:
+        _attack_export(loop_config, config, toyworld, rank)
     ray.train.report({**report, "eval": without_predictions(report["eval"])})
+
+
+def _attack_export(loop_config: dict, config: UnlearnConfig, toyworld: Path | None,
+                   rank: int) -> None:
+    """A trial's attack stage on the workers that trained it: the suite on the export
+    (``out/model``) into ``out/attack`` (its questions already loaded by the trial's scoring)."""
+    from raylens.attack import run_suite
+    from raylens.config import AttackConfig
+
+    spec, out = loop_config["attack"], Path(loop_config["out"])
+    all_gather(rank)  # rank 0 has written the export before any rank reads it
+    run_suite(out / "model", [from_flat(AttackConfig, a) for a in spec["attacks"]],
+              out / "attack", data=config.data, eval_config=config.eval,
+              tasks=tuple(spec["tasks"]), scaling=config.scaling, toyworld=toyworld,
+              log=print if rank == 0 else (lambda *_: None), retain_guard=spec["retain_guard"])
 
 
 def _fit(worker, loop_config: dict, scaling, *, name: str, storage_path: Path) -> None:
@@ -107,7 +124,8 @@ def _fit(worker, loop_config: dict, scaling, *, name: str, storage_path: Path) -
 
 def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
                toyworld: Path | None = None, name: str = "unlearn",
-               evaluate: bool = True, mlflow_run: tuple[str, str] | None = None) -> dict:
+               evaluate: bool = True, mlflow_run: tuple[str, str] | None = None,
+               attack: dict | None = None) -> dict:
     """Run ``train`` as ``scaling.num_workers`` Ray Train workers (gloo on CPU, NCCL on GPUs);
     rank 0 exports to ``out`` with ``history.jsonl`` and ``train_report.json`` (the last step's
     metrics, every rank's parameter digest and memory, the step it resumed from, and with
@@ -116,10 +134,12 @@ def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
     restarted from the last one up to ``scaling.max_failures`` times, and a new call with the
     same ``name`` and ``storage_path`` continues an interrupted run. ``mlflow_run``:
     ``(tracking uri, run id)`` that rank 0 logs each step's metrics to; every run exports them
-    to Ray's Prometheus metrics."""
+    to Ray's Prometheus metrics. ``attack``: ``{"attacks": [flat AttackConfig], "tasks":
+    [forget, retain], "retain_guard"}``, a suite the same workers run on the export afterwards
+    (``out/attack/suite.json``; a restarted group skips the attacks already written)."""
     _fit(_ray_worker, {"config": to_flat(config), "out": str(out), "evaluate": evaluate,
                        "toyworld": str(toyworld) if toyworld else None, "name": name,
-                       "mlflow": list(mlflow_run) if mlflow_run else None},
+                       "mlflow": list(mlflow_run) if mlflow_run else None, "attack": attack},
          config.scaling, name=name, storage_path=storage_path)
     return json.loads((Path(out) / "train_report.json").read_text())
 

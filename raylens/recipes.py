@@ -86,13 +86,13 @@ the control reaches 0.45: the attack then teaches rather than recovers; docs/res
 SUITES: dict[str, dict[str, Any]] = {
     # The seed's attack: 512 forget documents, batch 16, one epoch (32 steps), eval every 10.
     "seed": {"attacks": {"seed": {}}, "retain_guard": None},
-    # Cheap enough for every trial (about 3 x 16 steps on the toy world): full fine-tuning, a
+    # Cheap enough for every trial (3 x 12 steps on the toy world): full fine-tuning, a
     # LoRA attacker (5x the lr, as the field pairs LoRA 1e-4 with full 2e-5) and benign data
     # (the retain corpus: it restores forgotten knowledge on some defences).
     "short": {"attacks": {
-        "full": {"num_examples": 256, "eval_every": 8},
-        "lora": {"num_examples": 256, "eval_every": 8, "mode": "lora", "lr": 1.5e-3},
-        "benign": {"num_examples": 256, "eval_every": 8, "corpus": "retain"},
+        "full": {"num_examples": 192, "eval_every": 6},
+        "lora": {"num_examples": 192, "eval_every": 6, "mode": "lora", "lr": 1.5e-3},
+        "benign": {"num_examples": 192, "eval_every": 6, "corpus": "retain"},
     }, "retain_guard": None},
     # For Pareto finalists: the Deep Ignorance attack recipe (AdamW, weight decay 0.01, linear,
     # no warmup, fp16 autocast over fp32 weights, two epochs) and its cosine and bf16 variants,

@@ -8,6 +8,7 @@ import csv
 import html
 import io
 import json
+import math
 from pathlib import Path
 
 REPORT_FORMATS = ("md", "csv", "json")
@@ -28,9 +29,20 @@ def _plot_frame(parent: dict) -> dict:
     tags, metrics = parent["tags"], parent["metrics"]
     forget, retain = tags.get("forget_task", "wmdp"), tags.get("retain_task", "mmlu")
     floor = float(parent["params"].get("retain_floor", 0) or 0)
-    return {"forget": forget, "retain": retain, "floor": floor,
+    objectives = (tags.get("objectives") or "forget_acc,retain_acc").split(",")
+    return {"forget": forget, "retain": retain, "floor": floor, "suite": tags.get("attack_suite"),
+            "x": objectives[0] if objectives[0] != "retain_acc" else "forget_acc",
             "baseline": (metrics.get(f"baseline/{forget}"), metrics.get(f"baseline/{retain}")),
             "chance": (metrics.get(f"chance/{forget}"), metrics.get(f"chance/{retain}"))}
+
+
+def binomial_se(acc: float | None, row: dict, task: str) -> float:
+    """``sqrt(p (1 - p) / n)`` of an accuracy ``p`` over the ``n`` questions the row scored
+    ``task`` on (its ``eval/<task>/n`` metric); 0 when unknown."""
+    n = (row.get("metrics") or {}).get(f"eval/{task}/n")
+    if acc is None or not n:
+        return 0.0
+    return math.sqrt(acc * (1 - acc) / n)
 
 
 def plot_front_png(rows: list[dict], parent: dict, path: Path) -> None:
@@ -43,21 +55,27 @@ def plot_front_png(rows: list[dict], parent: dict, path: Path) -> None:
 
     frame = _plot_frame(parent)
     fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
-    scored = [r for r in rows if r["forget_acc"] is not None]
+    x = frame["x"]
+    scored = [r for r in rows if r.get(x) is not None and r["retain_acc"] is not None]
     other = [r for r in scored if r["feasible"] and not r["pareto"]]
     bad = [r for r in scored if not r["feasible"]]
-    front = sorted((r for r in scored if r["pareto"]), key=lambda r: r["forget_acc"])
-    ax.scatter([r["forget_acc"] for r in other], [r["retain_acc"] for r in other], c="#7a8ca3",
+    front = sorted((r for r in scored if r["pareto"]), key=lambda r: r[x])
+    if scored:  # each point's binomial standard error: a front point is not a noise winner
+        ax.errorbar([r[x] for r in scored], [r["retain_acc"] for r in scored],
+                    xerr=[binomial_se(r[x], r, frame["forget"]) for r in scored],
+                    yerr=[binomial_se(r["retain_acc"], r, frame["retain"]) for r in scored],
+                    fmt="none", ecolor="#95a5a6", elinewidth=0.8, alpha=0.7, zorder=1)
+    ax.scatter([r[x] for r in other], [r["retain_acc"] for r in other], c="#7a8ca3",
                label="trial")
-    ax.scatter([r["forget_acc"] for r in bad], [r["retain_acc"] for r in bad], c="#c0392b", marker="x",
+    ax.scatter([r[x] for r in bad], [r["retain_acc"] for r in bad], c="#c0392b", marker="x",
                label="infeasible (collapsed / diverged)")
     if front:
-        ax.step([r["forget_acc"] for r in front], [r["retain_acc"] for r in front], where="post",
+        ax.step([r[x] for r in front], [r["retain_acc"] for r in front], where="post",
                 c="#1f77b4", alpha=0.6)
-        ax.scatter([r["forget_acc"] for r in front], [r["retain_acc"] for r in front], c="#1f77b4", s=60,
+        ax.scatter([r[x] for r in front], [r["retain_acc"] for r in front], c="#1f77b4", s=60,
                    edgecolors="black", label="Pareto front", zorder=3)
         for r in front:
-            ax.annotate(r["trial_id"], (r["forget_acc"], r["retain_acc"]), fontsize=7,
+            ax.annotate(r["trial_id"], (r[x], r["retain_acc"]), fontsize=7,
                         xytext=(4, -10), textcoords="offset points")
     base_x, base_y = frame["baseline"]
     if base_x is not None and base_y is not None:
@@ -70,7 +88,8 @@ def plot_front_png(rows: list[dict], parent: dict, path: Path) -> None:
         ax.axhline(chance_y, ls=":", c="gray")
     if frame["floor"] > 0:
         ax.axhline(frame["floor"], ls="--", c="#c0392b", lw=0.8, label="retain floor")
-    ax.set_xlabel(f"{frame['forget']} accuracy (lower is better)")
+    after = f" after the {frame['suite']} attacks" if x == "attack_acc" else ""
+    ax.set_xlabel(f"{frame['forget']} accuracy{after} (lower is better); bars: ±1 binomial SE")
     ax.set_ylabel(f"{frame['retain']} accuracy (higher is better)")
     ax.set_title(f"{parent['tags'].get('sweep', '')}: {len(front)} on the front, "
                  f"{len(scored)} scored trials")

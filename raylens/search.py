@@ -29,7 +29,7 @@ from raylens.config import SweepConfig, redact_url, replace, to_flat
 from raylens.evaluate import evaluate_base
 from raylens.pareto import beaten_by, pareto_front
 from raylens.preflight import preflight
-from raylens.ray_train import DRIVER_RESOURCE, attack_on_ray, connect_ray, fit_on_ray
+from raylens.ray_train import DRIVER_RESOURCE, connect_ray, fit_on_ray
 from raylens.report import markdown_table
 from raylens.tracking import (
     Tracker,
@@ -106,21 +106,17 @@ METRICS = {"forget_acc": ("wmdp", "min"), "attack_acc": ("attack_wmdp", "min"),
 """Each row objective's Tune metric and direction."""
 
 
-def attack_stage(sweep: SweepConfig, config, out: Path, trial_id: str,
-                 toyworld: str | None) -> dict:
-    """The sweep's attack suite on a trial's export, as a Ray Train job on the trial's
-    workers: ``{"attack_wmdp": the suite's worst forget accuracy, "attack": the suite}``."""
-    from raylens.config import uses_toyworld
+def attack_spec(sweep: SweepConfig) -> dict | None:
+    """The sweep's attack suite as ``fit_on_ray`` takes it (toy- or real-scaled by the base
+    config), or None without one."""
+    from raylens.config import to_flat, uses_toyworld
     from raylens.recipes import suite
 
-    assert sweep.attack_suite is not None
-    attacks, guard = suite(sweep.attack_suite, real=not uses_toyworld(config))
-    result = attack_on_ray(out / "model", attacks, out / "attack", data=config.data,
-                           eval_config=config.eval,
-                           tasks=(sweep.forget_task, sweep.retain_task), scaling=config.scaling,
-                           storage_path=paths(sweep).train, name=f"{trial_id}-attack",
-                           toyworld=Path(toyworld) if toyworld else None, retain_guard=guard)
-    return {"attack_wmdp": result["worst"], "attack": result}
+    if sweep.attack_suite is None:
+        return None
+    attacks, guard = suite(sweep.attack_suite, real=not uses_toyworld(sweep.base))
+    return {"attacks": [to_flat(a) for a in attacks], "retain_guard": guard,
+            "tasks": [sweep.forget_task, sweep.retain_task]}
 
 
 def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
@@ -146,7 +142,8 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
     try:
         report = fit_on_ray(config, out=out, storage_path=where.train, name=trial_id,
                             toyworld=Path(toyworld) if toyworld else None,
-                            mlflow_run=(tracker.uri, run_id) if tracker else None)
+                            mlflow_run=(tracker.uri, run_id) if tracker else None,
+                            attack=attack_spec(sweep))
         if report["eval_error"]:
             raise RuntimeError(f"evaluation failed: {report['eval_error']}")
         result = {**objectives(report, sweep), **{f"param/{k}": v for k, v in params.items()},
@@ -154,10 +151,9 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
                   "num_steps": report["num_steps"], "trial_dir": str(out),
                   **{f"acc/{task}": s["acc"] for task, s in report["eval"].items()}}
         suite = None
-        if sweep.attack_suite:
-            stage = attack_stage(sweep, config, out, trial_id, toyworld)
-            suite = stage["attack"]
-            result |= {"attack_wmdp": stage["attack_wmdp"], "attack_worst": suite["worst_attack"],
+        if sweep.attack_suite:  # run by the trial's workers on its export
+            suite = json.loads((out / "attack" / "suite.json").read_text())
+            result |= {"attack_wmdp": suite["worst"], "attack_worst": suite["worst_attack"],
                        "attack_recovery": suite["recovery"]}
         if tracker:
             if suite is not None:

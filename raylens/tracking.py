@@ -469,39 +469,41 @@ def report(client: MlflowClient, experiment: str, fmt: str = "md") -> str:
 
 # --- fine-tuning attacks ----------------------------------------------------------------------
 
-def record_attack(client: MlflowClient, run_id: str, suite: dict, suite_name: str) -> None:
+def record_attack(client: MlflowClient, run_id: str, suite: dict, suite_name: str, *,
+                  prefix: str = "attack") -> None:
     """Log an attack suite's result on run ``run_id``: every attack's settings as params
     (``attack.<name>.<field>``), its curves as metrics by step (``attack/<name>/forget_acc``,
     ``.../retain_acc``), its start, worst, recovery and steps to its level; the suite's worst
-    case (``attack/worst``, tag ``attack_worst``); ``attack/suite.json`` and the curves' plot."""
+    case (``attack/worst``, tags ``attack_worst``, ``attack_suite``, ``attack_names``);
+    ``attack/suite.json`` and the curves' plot. ``prefix`` replaces ``attack`` (a finalist's
+    long suite: ``final/attack``)."""
     now = int(time.time() * 1000)
     params, metrics = [], []
     for result in suite["results"]:
         name = result["attack"]
-        params += [Param(f"attack.{name}.{k}", _param_value(v)) for k, v in
-                   result["config"].items() if k != "name"]
+        params += [Param(f"{prefix}.{name}.{k}".replace("/", "."), _param_value(v))
+                   for k, v in result["config"].items() if k != "name"]
         for point in result["curve"]:
-            metrics += [Metric(f"attack/{name}/{k}", float(point[k]), now, int(point["step"]))
+            metrics += [Metric(f"{prefix}/{name}/{k}", float(point[k]), now, int(point["step"]))
                         for k in ("forget_acc", "retain_acc")]
         values = {k: result[k] for k in ("start", "worst", "worst_step", "recovery",
                                          "retain_end", "steps_to_level", "train_s")}
-        metrics += [Metric(f"attack/{name}/{k}", float(v), now, 0) for k, v in values.items()
+        metrics += [Metric(f"{prefix}/{name}/{k}", float(v), now, 0) for k, v in values.items()
                     if v is not None]
-    metrics += [Metric(f"attack/{k}", float(suite[k]), now, 0)
+    metrics += [Metric(f"{prefix}/{k}", float(suite[k]), now, 0)
                 for k in ("worst", "recovery", "train_s", "eval_s")]
-    tags = [RunTag("attack_suite", suite_name), RunTag("attack_worst", suite["worst_attack"]),
-            RunTag("attacks", ",".join(suite["attacks"]))]
+    tags = [RunTag(f"{prefix}_suite", suite_name), RunTag(f"{prefix}_worst", suite["worst_attack"]),
+            RunTag(f"{prefix}_names", ",".join(suite["attacks"]))]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
     for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i:i + 100], tags=tags if i == 0 else [])
-    if not params:
-        client.log_batch(run_id, tags=tags)
-    _log_text(client, run_id, "attack/suite.json", json.dumps(suite, indent=1))
+        client.log_batch(run_id, params=params[i:i + 100])
+    client.log_batch(run_id, tags=tags)
+    _log_text(client, run_id, f"{prefix}/suite.json", json.dumps(suite, indent=1))
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "curves.png"
         plot_attack_curves(suite["results"], suite["tasks"], png)
-        client.log_artifact(run_id, str(png), "attack")
+        client.log_artifact(run_id, str(png), prefix)
 
 
 def attack_run(tracking: TrackingConfig, model_dir: Path, suite_name: str) -> tuple[str, str]:
@@ -516,25 +518,28 @@ def attack_run(tracking: TrackingConfig, model_dir: Path, suite_name: str) -> tu
     return uri, run.info.run_id
 
 
-def attack_results(client: MlflowClient, run_id: str, label: str) -> dict:
-    """An attacked run's suite read back from MLflow: ``{"label", "results": [{"attack",
-    "config", "curve", "worst", "worst_step", "recovery", "retain_end", ...}]}``."""
+def attack_results(client: MlflowClient, run_id: str, label: str, *,
+                   prefix: str = "attack") -> dict:
+    """An attacked run's suite read back from MLflow (``record_attack``'s ``prefix``):
+    ``{"label", "run_id", "worst_attack", "results": [{"attack", "config", "curve", "worst",
+    "worst_step", "recovery", "retain_end", ...}]}``."""
     run = client.get_run(run_id)
     metrics, params = run.data.metrics, run.data.params
+    key = prefix.replace("/", ".")
     results = []
-    for name in filter(None, run.data.tags.get("attacks", "").split(",")):
+    for name in filter(None, run.data.tags.get(f"{prefix}_names", "").split(",")):
         history = {k: {m.step: m.value for m in client.get_metric_history(
-            run_id, f"attack/{name}/{k}")} for k in ("forget_acc", "retain_acc")}
+            run_id, f"{prefix}/{name}/{k}")} for k in ("forget_acc", "retain_acc")}
         curve = [{"step": step, "forget_acc": acc, "retain_acc": history["retain_acc"].get(step)}
                  for step, acc in sorted(history["forget_acc"].items())]
-        config = {k[len(f"attack.{name}."):]: v for k, v in params.items()
-                  if k.startswith(f"attack.{name}.")}
+        config = {k[len(f"{key}.{name}."):]: v for k, v in params.items()
+                  if k.startswith(f"{key}.{name}.")}
         results.append({"attack": name, "config": config, "curve": curve,
-                        **{k: metrics.get(f"attack/{name}/{k}") for k in (
+                        **{k: metrics.get(f"{prefix}/{name}/{k}") for k in (
                             "start", "worst", "worst_step", "recovery", "retain_end",
                             "steps_to_level")}})
     return {"label": label, "run_id": run_id, "results": results,
-            "worst_attack": run.data.tags.get("attack_worst")}
+            "worst_attack": run.data.tags.get(f"{prefix}_worst")}
 
 
 def attack_runs(client: MlflowClient, experiment: str) -> list[dict]:

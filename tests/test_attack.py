@@ -142,8 +142,12 @@ def test_attack_rules_against_workers_and_corpus_name_the_attacks_field(world):
     both are refused by ``check`` (no weights loaded), naming the attack's field."""
     kwargs = dict(data=DataConfig(), eval_config=EvalConfig())
     with pytest.raises(ConfigError, match=r"attack\.global_batch=16 is invalid: allowed a "
-                       r"multiple of attack\.per_device_batch x scaling\.num_workers = 48"):
+                       r"multiple of scaling\.num_workers=3"):
         run_config(AttackConfig(), world.model, scaling=ScalingConfig(num_workers=3), **kwargs)
+    with pytest.raises(ConfigError, match=r"attack\.global_batch=16 is invalid: allowed a "
+                       r"multiple of attack\.per_device_batch x scaling\.num_workers = 48"):
+        run_config(AttackConfig(per_device_batch=16), world.model,
+                   scaling=ScalingConfig(num_workers=3), **kwargs)
     with pytest.raises(ConfigError, match=r"attack\.num_examples=4096 is invalid: allowed at most "
                        r"1024.*\(attack 'seed'\)"):
         check([AttackConfig(num_examples=4096)], world.model, scaling=ScalingConfig(),
@@ -187,8 +191,7 @@ def _unlearned(world, tmp_path: Path) -> Path:
     from raylens.recipes import recipe
     from raylens.train import run
 
-    config = recipe("sft_adamw", {"data.num_examples": 256, "scaling.checkpoint_every": 0,
-                                  "tracking.enabled": False})
+    config = recipe("sft_adamw", {"data.num_examples": 256, "scaling.checkpoint_every": 0})
     report = run(config, tmp_path / "unlearned", toyworld=world.root, log=lambda *_: None)
     assert report["eval"]["toy_wmdp"]["acc"] < 0.5  # it unlearned
     return tmp_path / "unlearned" / "model"
@@ -218,6 +221,7 @@ def test_the_seed_attack_recovers_the_unlearned_model_and_not_the_control(world,
 
 
 @pytest.mark.integration
+@pytest.mark.any_world  # consistency between files, MLflow and the report: any build
 def test_raylens_attack_on_two_workers_records_curves_plot_and_tamper_table(world, tmp_path):
     """The seed's command shape on a run folder, as 2 Ray Train workers (FSDP2 full
     fine-tuning): the MLflow run has every curve point, the worst case and the plot, and
@@ -253,33 +257,108 @@ def test_raylens_attack_on_two_workers_records_curves_plot_and_tamper_table(worl
     assert not math.isnan(worst)
 
 
-def _attack_on_ranks(rank, world, model, toyworld, mode):
-    """One small attack on ``world`` gloo ranks (or in one process when world is 0)."""
+def _attack_on_ranks(rank, world, model, toyworld):
+    """A small full attack, then a small LoRA one, on ``world`` gloo ranks (or in one process
+    when world is 0); their curves."""
     if world:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    attack = AttackConfig(mode=mode, num_examples=32, global_batch=8, per_device_batch=4,
-                          max_steps=4, eval_every=2, lr=1e-3)
     from raylens.attack import run_attack
 
-    result = run_attack(model, attack, data=DataConfig(), eval_config=EvalConfig(),
-                        tasks=("toy_wmdp", "toy_mmlu"), toyworld=toyworld, log=lambda *_: None,
-                        scaling=ScalingConfig(num_workers=max(world, 1)))
-    return result["curve"]
+    curves = []
+    for mode in ("full", "lora"):
+        attack = AttackConfig(mode=mode, num_examples=32, global_batch=8, per_device_batch=4,
+                              max_steps=4, eval_every=2, lr=1e-3)
+        curves.append(run_attack(model, attack, data=DataConfig(), eval_config=EvalConfig(),
+                                 tasks=("toy_wmdp", "toy_mmlu"), toyworld=toyworld,
+                                 log=lambda *_: None,
+                                 scaling=ScalingConfig(num_workers=max(world, 1)))["curve"])
+    return curves
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_an_attack_on_two_ranks_scores_as_one_process(world, mode):
+def test_attacks_on_two_ranks_score_as_one_process(world):
     """A full attacker trains under FSDP2, a LoRA one under DDP: both ranks report the same
-    curve, the one-process curve. The full attacker's first evaluation comes before any
+    curves, the one-process curves. The full attacker's first evaluation comes before any
     training forward, which once left FSDP2's root uninitialised ("FSDP state has already been
     lazily initialized for gpt_neox.layers.0" at the first training step)."""
-    single = _attack_on_ranks(0, 0, str(world.model), world.root, mode)
-    ranks = run_ranks(_attack_on_ranks, 2, str(world.model), world.root, mode)
+    single = _attack_on_ranks(0, 0, str(world.model), world.root)
+    ranks = run_ranks(_attack_on_ranks, 2, str(world.model), world.root)
     assert not any(isinstance(r, tuple) and r[0] == "error" for r in ranks), ranks
     assert ranks[0] == ranks[1]
-    assert [p["step"] for p in single] == [0, 2, 4] == [p["step"] for p in ranks[0]]
-    for one, two in zip(single, ranks[0]):
-        assert abs(one["forget_acc"] - two["forget_acc"]) <= 1 / 192  # at most one question
-        assert abs(one["retain_acc"] - two["retain_acc"]) <= 1 / 192
-        if one["loss"] is not None:
-            assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    for one_curve, two_curve in zip(single, ranks[0]):  # full, then LoRA
+        assert [p["step"] for p in one_curve] == [0, 2, 4] == [p["step"] for p in two_curve]
+        for one, two in zip(one_curve, two_curve):
+            assert abs(one["forget_acc"] - two["forget_acc"]) <= 1 / 192  # one question
+            assert abs(one["retain_acc"] - two["retain_acc"]) <= 1 / 192
+            if one["loss"] is not None:
+                assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+
+
+def test_finalists_are_the_front_and_the_trials_within_one_standard_error():
+    """With 192 questions per task (SE about 0.035 at 0.5), a trial 0.02 behind the front on
+    forget accuracy is a finalist; one 0.2 behind is not; infeasible trials never are."""
+    from raylens.finalize import finalists
+
+    n = {"eval/f/n": 192, "eval/r/n": 192}
+    row = lambda i, f, r, ok=True: {"trial_id": i, "forget_acc": f, "retain_acc": r,
+                                    "feasible": ok, "metrics": n}
+    rows = [row("front", 0.30, 0.90), row("near", 0.32, 0.90), row("far", 0.50, 0.80),
+            row("bad", 0.10, 0.95, ok=False)]
+    chosen = finalists(rows, ("forget_acc", "retain_acc"), {"forget": "f", "retain": "r"})
+    assert [r["trial_id"] for r in chosen] == ["front", "near"]
+
+
+@pytest.mark.integration
+@pytest.mark.any_world  # consistency between the study, files, MLflow and the report
+def test_a_sweep_searching_the_post_attack_objective_records_and_finalizes(world, tmp_path):
+    """A 2-trial toy sweep with the short suite as its objective (``instead``): each trial's
+    suite result is the value Optuna was told and the trial's MLflow metric, the printed table
+    and ``raylens report`` show the post-attack column and the tamper table, and
+    ``raylens finalize`` re-scores the finalists on every question, attacks them and tags the
+    final front."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from raylens.tracking import trial_rows
+
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.startswith(("HF_", "RAY_ADDRESS", "MLFLOW_"))}
+    demo = [sys.executable, "-m", "raylens.cli", "demo", "--name", "post", "--trials", "2",
+            "--storage", str(tmp_path / "runs"), "--set", "data.num_examples=128",
+            "--set", "sweep.attack_suite=short", "--set", "sweep.attack_objective=instead"]
+    out = subprocess.run(demo, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "toy_wmdp after the short attacks (min)" in out.stdout
+    assert "| pareto | toy_wmdp | toy_wmdp after short attacks | worst attack |" in out.stdout
+    results = {p.parent.name: json.loads(p.read_text())
+               for p in (tmp_path / "runs" / "post" / "trials").glob("*/result.json")}
+    assert len(results) == 2
+    study = optuna.load_study(study_name="post",
+                              storage=f"sqlite:///{tmp_path / 'runs' / 'post' / 'optuna.db'}")
+    for t in study.trials:
+        r = results[t.user_attrs["tune_trial_id"]]
+        suite_file = json.loads((Path(r["trial_dir"]) / "attack" / "suite.json").read_text())
+        assert t.values == [r["attack_wmdp"], r["mmlu"]] and r["attack_wmdp"] == suite_file["worst"]
+        assert [a["attack"] for a in suite_file["results"]] == ["full", "lora", "benign"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'raylens-mlflow.db'}")
+    parent, rows = trial_rows(client, "post")
+    assert parent["tags"]["objectives"] == "attack_acc,retain_acc"
+    for row in rows:
+        assert row["attack_acc"] == results[row["trial_id"]]["attack_wmdp"]
+        assert row["tags"]["attack_worst"] == results[row["trial_id"]]["attack_worst"]
+    report = subprocess.run([sys.executable, "-m", "raylens.cli", "report", "post"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert "toy_wmdp after attack (↓)" in report.stdout and "## Tamper resistance" in report.stdout
+    assert sum(f"| {tid} | " in report.stdout for tid in results) == 2
+    fin = subprocess.run([sys.executable, "-m", "raylens.cli", "finalize", "post", "--suite",
+                          "seed"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert fin.returncode == 0, (fin.stdout + fin.stderr)[-3000:]
+    _, rows = trial_rows(client, "post")
+    final = [r for r in rows if "final/toy_wmdp" in r["metrics"]]
+    assert final and all(r["metrics"]["final/toy_wmdp/n"] == 192 for r in final)
+    assert all("final/attack/worst" in r["metrics"] for r in final)
+    assert any(r["tags"].get("final_pareto") == "true" for r in final)
+    assert {a.path for a in client.list_artifacts(parent["run_id"], "final")} == {
+        "final/front.png"}
