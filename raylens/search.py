@@ -9,7 +9,9 @@ Pareto front survives the driver. Diverged (non-finite loss or accuracy) and col
 accuracy below the sweep's floor) trials are recorded with the reason and carry a violated Optuna
 constraint, so they never count as Pareto points. Rerunning a sweep with the same name restores
 Tune's experiment: finished trials are kept, trials the crash left running in Optuna are marked
-failed, and the remaining budget runs.
+failed, and the remaining budget runs. With ``attack_suite`` the trial's workers attack its
+export after scoring it (``raylens.attack``); the suite's worst post-attack forget accuracy
+(``attack_wmdp``) is recorded, or searched ``instead`` of or ``beside`` ``wmdp``.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import optuna
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from raylens.config import SweepConfig, redact_url, replace, to_flat
+from raylens.config import SweepConfig, redact_url, replace, to_flat, uses_toyworld
 from raylens.evaluate import evaluate_base
 from raylens.pareto import beaten_by, pareto_front
 from raylens.preflight import preflight
 from raylens.ray_train import DRIVER_RESOURCE, connect_ray, fit_on_ray
+from raylens.recipes import suite
 from raylens.report import markdown_table
 from raylens.tracking import (
     Tracker,
@@ -109,9 +112,6 @@ METRICS = {"forget_acc": ("wmdp", "min"), "attack_acc": ("attack_wmdp", "min"),
 def attack_spec(sweep: SweepConfig) -> dict | None:
     """The sweep's attack suite as ``fit_on_ray`` takes it (toy- or real-scaled by the base
     config), or None without one."""
-    from raylens.config import to_flat, uses_toyworld
-    from raylens.recipes import suite
-
     if sweep.attack_suite is None:
         return None
     attacks, guard = suite(sweep.attack_suite, real=not uses_toyworld(sweep.base))
