@@ -87,15 +87,16 @@ def run_config(attack: AttackConfig, model_dir: Path | str, *, data: DataConfig,
         raise ConfigError(f"{_renamed(str(exc))} (attack {attack.name!r})") from None
 
 
-def check(attacks: list[AttackConfig], model_dir: Path | str, *, data: DataConfig,
+def check(attacks: list[AttackConfig], model_dir: Path | str | None, *, data: DataConfig,
           eval_config: EvalConfig, scaling: ScalingConfig,
           toyworld: Path | None = None) -> None:
     """Every attack's settings against the workers, the model folder and the corpus it names
     (enough documents), without loading weights: a ``ConfigError`` naming the attack's field
     before any compute."""
-    load_model_config(ModelConfig(name_or_path=str(model_dir)))
+    if model_dir is not None:  # None: a sweep's exports, which do not exist yet
+        load_model_config(ModelConfig(name_or_path=str(model_dir)))
     for attack in attacks:
-        config = run_config(attack, model_dir, data=data, eval_config=eval_config,
+        config = run_config(attack, model_dir or "export", data=data, eval_config=eval_config,
                             scaling=scaling)
         try:
             load_texts(config.data, toyworld)

@@ -27,6 +27,7 @@ import optuna
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from raylens.attack import check
 from raylens.config import SweepConfig, redact_url, replace, to_flat, uses_toyworld
 from raylens.evaluate import evaluate_base
 from raylens.pareto import beaten_by, pareto_front
@@ -383,6 +384,10 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print,
 
     if not checked:
         preflight(sweep.base, toyworld)
+    if sweep.attack_suite:  # the suite against the trials' workers and corpora, before any trial
+        attacks, _ = suite(sweep.attack_suite, real=not uses_toyworld(sweep.base))
+        check(attacks, None, data=sweep.base.data, eval_config=sweep.base.eval,
+              scaling=sweep.base.scaling, toyworld=toyworld)
     sweep = dataclasses.replace(sweep, storage=str(Path(sweep.storage).resolve()))
     where = paths(sweep)
     where.root.mkdir(parents=True, exist_ok=True)

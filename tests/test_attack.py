@@ -166,6 +166,24 @@ def test_a_sweep_with_an_attack_objective_needs_a_suite():
     assert sweep.objectives == ("forget_acc", "attack_acc", "retain_acc")
 
 
+def test_a_sweeps_attack_suite_is_checked_before_any_trial(world, tmp_path):
+    """A forget corpus of 100 documents cannot feed the seed's 512-document attack: the sweep
+    refuses before it looks for Ray or starts a trial, naming the attack's field."""
+    from raylens.recipes import demo_sweep
+    from raylens.search import run_sweep
+
+    corpus = tmp_path / "forget.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} about a pathogen"}) + "\n"
+                              for i in range(100)))
+    sweep = demo_sweep(storage=str(tmp_path / "runs"), name="s", num_trials=1,
+                       overrides={"data.forget": str(corpus), "data.num_examples": 64})
+    sweep = __import__("dataclasses").replace(sweep, attack_suite="seed")
+    with pytest.raises(ConfigError, match=r"attack\.num_examples=512 is invalid: allowed at most "
+                       r"100.*\(attack 'seed'\)"):
+        run_sweep(sweep, toyworld=world.root, checked=True)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("args, field", [
     (["/nonexistent"], "MODEL_DIR='/nonexistent' is invalid"),
     (["toy", "--lr", "-1"], "attack.lr=-1.0 is invalid"),
