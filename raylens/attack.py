@@ -49,7 +49,7 @@ from raylens.model import (
 )
 from raylens.optim import build_optimizers, build_schedulers
 from raylens.parallel import plan_for
-from raylens.train import Run, _micro_batches, loop, optimizer_step
+from raylens.train import Run, loop, micro_batches, optimizer_step
 
 _RENAMED = {"batch.global_batch": "attack.global_batch", "data.num_examples": "attack.num_examples",
             "per_device_batch x scaling.num_workers": "attack.per_device_batch x scaling.num_workers"}
@@ -146,7 +146,7 @@ def attack_step(run: Run, step: int) -> dict:
     """One optimizer step of the attacker: the causal-LM loss, the mean over the predicted
     real tokens of the whole global batch, accumulated like an unlearning step."""
     start = time.perf_counter()
-    epoch, batches, _ = _micro_batches(run, step)
+    epoch, batches, _ = micro_batches(run, step)
     (count,) = all_reduce_sum([sum(int((b.attention_mask[:, 1:]).sum()) for (b,) in batches)])
     total = 0.0
     for k, (batch,) in enumerate(batches):

@@ -199,7 +199,7 @@ def loss_step(run: Run, forget, retain, targets, num_forget, num_retain):
     return l_forget, l_retain
 
 
-def _micro_batches(run: Run, step: int) -> tuple[int, list, list]:
+def micro_batches(run: Run, step: int) -> tuple[int, list, list]:
     """``(epoch, micro-batches, their example indices)`` of this rank's slice of a step."""
     config, plan = run.config, run.plan
     global_batch, micro = config.batch.global_batch, config.batch.per_device_batch
@@ -216,7 +216,7 @@ def train_step(run: Run, step: int) -> dict:
     """One optimizer step (accumulation, clipping, optimizers, schedules); its record."""
     config, plan, loss_cfg = run.config, run.plan, run.config.loss
     start = time.perf_counter()
-    epoch, batches, micro_indices = _micro_batches(run, step)
+    epoch, batches, micro_indices = micro_batches(run, step)
     num_forget, num_retain = all_reduce_sum([
         sum(f.num_tokens for f, _ in batches), sum(r.num_tokens for _, r in batches)
     ])
