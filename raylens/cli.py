@@ -211,6 +211,17 @@ def _results_table(before: dict, after: dict, in_trial: dict) -> str:
          for task in after])
 
 
+def _workers_or_gpus(args) -> tuple[int, bool] | None:
+    """``--workers N`` or ``--gpus N`` as ``(workers, with GPUs)``; None when neither is given.
+    Both at once is refused."""
+    if args.workers is not None and args.gpus is not None:
+        raise ConfigError(f"--gpus={args.gpus} is invalid with --workers={args.workers}: allowed "
+                          "one of them (--gpus N runs N workers with one GPU each)")
+    if args.gpus is not None:
+        return args.gpus, True
+    return None if args.workers is None else (args.workers, False)
+
+
 def cmd_unlearn(args) -> int:
     """``raylens unlearn``: one run of a recipe (``unlearn.unlearn``), its before/after table."""
     from raylens import toyworld as tw
@@ -219,13 +230,11 @@ def cmd_unlearn(args) -> int:
     from raylens.unlearn import unlearn
 
     overrides: dict[str, object] = dict(parse_overrides(args.set))
-    if args.workers is not None and args.gpus is not None:
-        raise ConfigError(f"--gpus={args.gpus} is invalid with --workers={args.workers}: allowed "
-                          "one of them (--gpus N runs N workers with one GPU each)")
-    if args.workers is not None:
-        overrides["scaling.num_workers"] = args.workers
-    if args.gpus is not None:
-        overrides["scaling.num_workers"], overrides["scaling.use_gpu"] = args.gpus, True
+    chosen = _workers_or_gpus(args)
+    if chosen is not None:
+        overrides["scaling.num_workers"] = chosen[0]
+        if chosen[1]:
+            overrides["scaling.use_gpu"] = True
     config = recipe(args.recipe, overrides)
     out = Path(args.out)
     if args.resume:
@@ -296,11 +305,8 @@ def cmd_attack(args) -> int:
     attacks = [dataclasses.replace(a, **changes) for a in attacks]  # validated again
     tasks = (args.forget_task or base.eval.tasks[0], args.retain_task or base.eval.tasks[-1])
     eval_config = dataclasses.replace(base.eval, tasks=tasks, subset=args.subset)
-    if args.workers is not None and args.gpus is not None:
-        raise ConfigError(f"--gpus={args.gpus} is invalid with --workers={args.workers}: allowed "
-                          "one of them")
-    scaling = ScalingConfig(num_workers=args.gpus or args.workers or 1,
-                            use_gpu=args.gpus is not None, checkpoint_every=0)
+    workers, gpus = _workers_or_gpus(args) or (1, False)
+    scaling = ScalingConfig(num_workers=workers, use_gpu=gpus, checkpoint_every=0)
     out = Path(args.out or f"raylens-attacks/{folder.parent.name}-{args.suite}-"
                            f"{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()) and not args.resume:
@@ -311,7 +317,7 @@ def cmd_attack(args) -> int:
     check(attacks, folder, data=base.data, eval_config=eval_config, scaling=scaling,
           toyworld=toyworld)  # before any compute (and before Ray starts)
     print(f"raylens attack: suite {args.suite} ({len(attacks)} attack(s)) on {folder} -> {out}")
-    if args.workers is None and args.gpus is None:
+    if _workers_or_gpus(args) is None:
         from raylens.attack import run_suite
 
         result = run_suite(folder, attacks, out, data=base.data, eval_config=eval_config,
@@ -385,9 +391,7 @@ def cmd_finalize(args) -> int:
     from raylens.tracking import objectives_of, trial_rows
 
     suite(args.suite)  # a bad name is refused before anything runs
-    if args.workers is not None and args.gpus is not None:
-        raise ConfigError(f"--gpus={args.gpus} is invalid with --workers={args.workers}: allowed "
-                          "one of them")
+    chosen = _workers_or_gpus(args)
     client = MlflowClient(_tracking_uri(args.uri))
     try:
         parent, _ = trial_rows(client, args.experiment)
@@ -395,12 +399,11 @@ def cmd_finalize(args) -> int:
         raise ConfigError(str(exc)) from None
     toy = json.loads(parent["params"].get("eval_tasks", "[]"))[0].startswith("toy_")
     scaling = None
-    if args.workers or args.gpus:
+    if chosen is not None:
         from raylens.ray_train import connect_ray
 
         connect_ray()
-        scaling = ScalingConfig(num_workers=args.gpus or args.workers, use_gpu=bool(args.gpus),
-                                checkpoint_every=0)
+        scaling = ScalingConfig(num_workers=chosen[0], use_gpu=chosen[1], checkpoint_every=0)
     rows = finalize(client, args.experiment, suite_name=args.suite, scaling=scaling,
                     toyworld=tw.load_or_build(_toy_config(args)).root if toy else None)
     tasks = {"forget": parent["tags"]["forget_task"], "retain": parent["tags"]["retain_task"]}
