@@ -69,13 +69,11 @@ def cmd_demo(args) -> int:
 
     storage = args.storage or os.environ.get("RAYLENS_STORAGE", "raylens-runs")
     name = args.name or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    from raylens.config import replace_sweep
+    from raylens.config import replace_sweep, split_overrides
 
-    overrides = parse_overrides(args.set)
-    own = {k[len("sweep."):]: v for k, v in overrides.items() if k.startswith("sweep.")}
-    sweep = replace_sweep(demo_sweep(  # validated first
-        storage=storage, name=name, num_trials=args.trials,
-        overrides={k: v for k, v in overrides.items() if not k.startswith("sweep.")}), own)
+    own, base = split_overrides(parse_overrides(args.set))
+    sweep = replace_sweep(demo_sweep(storage=storage, name=name, num_trials=args.trials,
+                                     overrides=base), own)  # validated first
     print("raylens demo: the toy world (hazard = forget domain, general = retain domain)")
     cmd_toyworld_build(args)
     goals = {"forget_acc": f"{sweep.forget_task} (min)", "retain_acc": f"{sweep.retain_task} (max)",
@@ -176,15 +174,9 @@ def cmd_eval(args) -> int:
     folder, default_world = _model_folder(args.model, _toy_config(args))
     toyworld = toyworld or default_world
     if args.scorer == "fast":
-        from raylens.config import ModelConfig
-        from raylens.evaluate import evaluate_live, scoring_device
-        from raylens.model import checkpoint_dtype, load_model, load_model_config
-        from raylens.train import without_predictions
+        from raylens.evaluate import score_folder
 
-        source = ModelConfig(name_or_path=str(folder))
-        model, tokenizer = load_model(source, dtype=checkpoint_dtype(load_model_config(source)))
-        model = model.to(scoring_device())
-        results = without_predictions(evaluate_live(model, tokenizer, eval_config, toyworld))
+        results = score_folder(folder, eval_config, toyworld)
     else:
         results = evaluate_folder(folder, eval_config.tasks, toyworld=toyworld,
                                   batch_size=eval_config.batch_size, limit=args.limit,
@@ -317,20 +309,17 @@ def cmd_attack(args) -> int:
     check(attacks, folder, data=base.data, eval_config=eval_config, scaling=scaling,
           toyworld=toyworld)  # before any compute (and before Ray starts)
     print(f"raylens attack: suite {args.suite} ({len(attacks)} attack(s)) on {folder} -> {out}")
-    if _workers_or_gpus(args) is None:
-        from raylens.attack import run_suite
+    from raylens.ray_train import connect_ray, run_attacks
 
-        result = run_suite(folder, attacks, out, data=base.data, eval_config=eval_config,
-                           tasks=tasks, scaling=scaling, toyworld=toyworld, retain_guard=guard)
-    else:
+    on_ray = _workers_or_gpus(args) is not None
+    if on_ray:
+        connect_ray()
+    result = run_attacks(folder, attacks, out, data=base.data, eval_config=eval_config,
+                         tasks=tasks, scaling=scaling, on_ray=on_ray, toyworld=toyworld,
+                         retain_guard=guard)
+    if on_ray:
         import ray
 
-        from raylens.ray_train import attack_on_ray, connect_ray
-
-        connect_ray()
-        result = attack_on_ray(folder, attacks, out, data=base.data, eval_config=eval_config,
-                               tasks=tasks, scaling=scaling, storage_path=(out / "ray").resolve(),
-                               name="attack", toyworld=toyworld, retain_guard=guard)
         ray.shutdown()
     print(tamper_table([{"label": str(folder), "results": result["results"],
                          "worst_attack": result["worst_attack"]}], tasks[1]))

@@ -691,6 +691,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--set`` overrides as ``(the sweep's own, without "sweep.", the base run's)``."""
+    own = {k[len("sweep."):]: v for k, v in overrides.items() if k.startswith("sweep.")}
+    return own, {k: v for k, v in overrides.items() if not k.startswith("sweep.")}
+
+
 def replace(config: Any, overrides: dict[str, Any]) -> Any:
     """Return ``config`` with dotted-key overrides applied (strings allowed), validated again."""
     flat = to_flat(config)

@@ -511,6 +511,19 @@ def evaluate_live(model, tokenizer, ev: EvalConfig, toyworld: Path | None = None
     return results
 
 
+def score_folder(folder: Path | str, ev: EvalConfig,
+                 toyworld: Path | None = None) -> dict[str, dict]:
+    """A saved model (its weights in the dtype it was written in) scored by the fast scorer in
+    this process, without the per-question predictions."""
+    from raylens.config import ModelConfig
+    from raylens.model import checkpoint_dtype, load_model, load_model_config
+
+    source = ModelConfig(name_or_path=str(folder))
+    model, tokenizer = load_model(source, dtype=checkpoint_dtype(load_model_config(source)))
+    scores = evaluate_live(model.to(scoring_device()).eval(), tokenizer, ev, toyworld)
+    return {task: {k: v for k, v in s.items() if k != "predictions"} for task, s in scores.items()}
+
+
 def evaluate_base(config: UnlearnConfig, toyworld: Path | None = None) -> dict[str, dict]:
     """The unmodified model scored as every trial is (fast scorer, same tasks and subset):
     ``{task: {"acc", "acc_stderr", "n", "chance"}}``, the baseline a sweep is compared with."""

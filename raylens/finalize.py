@@ -19,14 +19,13 @@ import math
 import tempfile
 from pathlib import Path
 
-from raylens.attack import run_suite
-from raylens.config import ModelConfig, ScalingConfig, UnlearnConfig, from_flat, uses_toyworld
-from raylens.evaluate import evaluate_live, scoring_device
-from raylens.model import checkpoint_dtype, load_model, load_model_config
+from raylens.config import ScalingConfig, UnlearnConfig, from_flat, uses_toyworld
+from raylens.evaluate import score_folder
 from raylens.pareto import MAXIMISED, dominates, pareto_levels
+from raylens.ray_train import run_attacks
 from raylens.recipes import suite
 from raylens.report import binomial_se, markdown_table, plot_front_png
-from raylens.tracking import objectives_of, record_attack, trial_rows
+from raylens.tracking import objectives_of, record_attack, record_final, trial_rows
 
 _METRIC = {"forget_acc": "forget", "retain_acc": "retain", "attack_acc": "forget"}
 """Which task's question count gives an objective's standard error."""
@@ -81,28 +80,13 @@ def finalize(client, experiment: str, *, suite_name: str = "long",
         if not (folder / "config.json").exists():
             log(f"{row['trial_id']}: no export at {folder} (deleted?): skipped")
             continue
-        source = ModelConfig(name_or_path=str(folder))
-        model, tokenizer = load_model(source, dtype=checkpoint_dtype(load_model_config(source)))
-        scores = evaluate_live(model.to(scoring_device()).eval(), tokenizer, full_eval, toyworld)
-        del model
-        where = folder.parent / f"final-{suite_name}"
-        pair = (tasks["forget"], tasks["retain"])
-        if scaling is None:
-            attacked = run_suite(folder, attacks, where, data=base.data, eval_config=full_eval,
-                                 tasks=pair, scaling=ScalingConfig(), toyworld=toyworld,
-                                 log=log, retain_guard=guard)
-        else:
-            from raylens.ray_train import attack_on_ray
-
-            attacked = attack_on_ray(folder, attacks, where, data=base.data,
-                                     eval_config=full_eval, tasks=pair, scaling=scaling,
-                                     storage_path=where / "ray", name="final",
-                                     toyworld=toyworld, retain_guard=guard)
-        metrics = {f"final/{task}": s["acc"] for task, s in scores.items()}
-        metrics |= {f"final/{task}/stderr": s["acc_stderr"] for task, s in scores.items()}
-        metrics |= {f"final/{task}/n": s["n"] for task, s in scores.items()}
-        for key, value in metrics.items():
-            client.log_metric(row["run_id"], key, float(value))
+        scores = score_folder(folder, full_eval, toyworld)
+        attacked = run_attacks(folder, attacks, folder.parent / f"final-{suite_name}",
+                               data=base.data, eval_config=full_eval,
+                               tasks=(tasks["forget"], tasks["retain"]),
+                               scaling=scaling or ScalingConfig(), on_ray=scaling is not None,
+                               toyworld=toyworld, retain_guard=guard)
+        record_final(client, row["run_id"], scores)
         record_attack(client, row["run_id"], attacked, suite_name, prefix="final/attack")
         out.append({**row, "final_forget_acc": scores[tasks["forget"]]["acc"],
                     "final_retain_acc": scores[tasks["retain"]]["acc"],

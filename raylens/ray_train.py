@@ -161,6 +161,22 @@ def _ray_attack_worker(loop_config: dict) -> None:
               retain_guard=loop_config["retain_guard"])
 
 
+def run_attacks(model_dir: Path, attacks: list, out: Path, *, data, eval_config,
+                tasks: tuple[str, str], scaling, on_ray: bool, toyworld: Path | None = None,
+                retain_guard: float | None = None) -> dict:
+    """An attack suite in this process (``attack.run_suite``), or with ``on_ray`` as Ray
+    Train workers (``attack_on_ray``, Ray connected; its storage under ``out/ray``)."""
+    if not on_ray:
+        from raylens.attack import run_suite
+
+        return run_suite(model_dir, attacks, out, data=data, eval_config=eval_config,
+                         tasks=tasks, scaling=scaling, toyworld=toyworld,
+                         retain_guard=retain_guard)
+    return attack_on_ray(model_dir, attacks, out, data=data, eval_config=eval_config,
+                         tasks=tasks, scaling=scaling, storage_path=(Path(out) / "ray").resolve(),
+                         name="attack", toyworld=toyworld, retain_guard=retain_guard)
+
+
 def attack_on_ray(model_dir: Path, attacks: list, out: Path, *, data, eval_config,
                   tasks: tuple[str, str], scaling, storage_path: Path, name: str,
                   toyworld: Path | None = None, retain_guard: float | None = None) -> dict:

@@ -8,7 +8,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from raylens.config import ConfigError, SweepConfig, parse_overrides, replace_sweep
+from raylens.config import (
+    ConfigError,
+    SweepConfig,
+    parse_overrides,
+    replace_sweep,
+    split_overrides,
+)
 
 
 def add_sweep_options(parser) -> None:
@@ -31,8 +37,7 @@ def sweep_from_options(real: SweepConfig, toy: SweepConfig, args) -> tuple[Sweep
     (None for the real sweep). ``ConfigError`` naming the field on bad input."""
     sweep = toy if args.toy else real
     overrides = parse_overrides(args.set)
-    own = {k[len("sweep."):]: v for k, v in overrides.items() if k.startswith("sweep.")}
-    base = {k: v for k, v in overrides.items() if not k.startswith("sweep.")}
+    own, base = split_overrides(overrides)
     changes = {k: v for k, v in (("num_trials", args.trials), ("storage", args.storage),
                                  ("study_url", args.study_url)) if v is not None}
     sweep = replace_sweep(sweep, {**own, **changes}, base)

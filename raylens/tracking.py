@@ -506,6 +506,14 @@ def record_attack(client: MlflowClient, run_id: str, suite: dict, suite_name: st
         client.log_artifact(run_id, str(png), prefix)
 
 
+def record_final(client: MlflowClient, run_id: str, scores: dict[str, dict]) -> None:
+    """A finalist's scores on every question: ``final/<task>``, ``.../stderr`` and ``.../n``."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[
+        Metric(f"final/{task}{suffix}", float(s[key]), now, 0) for task, s in scores.items()
+        for suffix, key in (("", "acc"), ("/stderr", "acc_stderr"), ("/n", "n"))])
+
+
 def attack_run(tracking: TrackingConfig, model_dir: Path, suite_name: str) -> tuple[str, str]:
     """A new run for one ``raylens attack`` (experiment ``tracking.experiment``, named after the
     attacked folder, tags ``role=attack`` and ``model_path``); ``(uri, run id)``."""
