@@ -2,12 +2,16 @@
 holds (sharded weights and optimizer state, each rank's RNG, the step, schedule and history).
 
 A resume restores all of it in place, so the resumed run continues bit for bit; a checkpoint of
-another run (a different config or worker count) is refused, naming the field.
+another run (a different config or worker count) is refused, naming the field. Each rank lists
+the files it wrote with their sizes and SHA-256 (``manifest_rank<r>.json``, written last), so a
+partial or damaged checkpoint is detected before it is read and the previous one is used; a
+write that fails (a full disk) names the folder and leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import shutil
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from raylens.collectives import rank_and_world
+from raylens.collectives import all_gather, rank_and_world
 from raylens.config import ConfigError, UnlearnConfig, to_flat
 
 # Keys that may change between a checkpoint and its resume: they steer fault tolerance, not the run.
@@ -37,20 +41,43 @@ class FolderCheckpoints:
         return sorted(found)
 
     @contextlib.contextmanager
-    def latest(self):
-        """The newest complete checkpoint folder (None: start fresh)."""
-        done = self._complete()
-        yield done[-1] if done else None
+    def candidates(self):
+        """The complete checkpoint folders, newest first (empty: start fresh)."""
+        yield self._complete()[::-1]
 
     def save(self, step: int, write, metrics: dict) -> None:
-        """Write a checkpoint with ``write(folder)``, then drop all but the newest ``keep``."""
+        """Write a checkpoint with ``write(folder)``, then drop all but the newest ``keep``.
+        A failed write (``CheckpointWriteError``, naming the folder) leaves no partial folder
+        and the previous checkpoints as they were."""
         tmp = self.root / f"step_{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write(tmp)
+        try:
+            tmp.mkdir(parents=True)
+            write(tmp)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(tmp, exc, self._complete()) from exc
         tmp.rename(self.root / f"step_{step:06d}")
         for old in self._complete()[:-self.keep]:
             shutil.rmtree(old)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a lost mount): names the folder,
+    the cause and the checkpoint a resume would use instead."""
+
+    def __init__(self, folder: Path, cause: BaseException, kept: list[Path]):
+        previous = f"the previous checkpoint {kept[-1]} is intact" if kept else \
+            "there is no earlier checkpoint"
+        super().__init__(f"checkpoint {folder} could not be written ({_cause(cause)}); "
+                         f"{previous}")
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost cause of ``exc`` as ``Type: message`` (dcp wraps each rank's error)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return f"{type(exc).__name__}: {exc}"
 
 
 class RayCheckpoints:
@@ -59,16 +86,21 @@ class RayCheckpoints:
     rerun of the same run name) starts from the latest."""
 
     @contextlib.contextmanager
-    def latest(self):
-        """Ray's latest checkpoint of this run, as a local folder (None: start fresh)."""
+    def candidates(self):
+        """Ray's checkpoints of this run as local folders, newest first: the latest one Ray
+        hands back, then the older ones kept beside it (empty: start fresh)."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-        else:
-            with checkpoint.as_directory() as folder:
-                yield Path(folder)
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            yield []
+            return
+        with latest.as_directory() as folder:
+            here = Path(folder)
+            older = sorted((p for p in here.parent.glob("checkpoint_*")
+                            if p.is_dir() and p.name < here.name), reverse=True) \
+                if here.name.startswith("checkpoint_") else []
+            yield [here, *older]
 
     def save(self, step: int, write, metrics: dict) -> None:
         """Write this rank's shard with ``write(folder)`` and report it to Ray with ``metrics``."""
@@ -105,6 +137,60 @@ def write_checkpoint(folder: Path, *, model, optimizers, schedulers, step: int,
         meta = {"step": step, "world": world, "config": to_flat(config),
                 "schedulers": [sched.state_dict() for sched in schedulers], "history": history}
         (folder / "trainer.json").write_text(json.dumps(meta))
+    _write_manifest(folder, rank)
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_manifest(folder: Path, rank: int) -> None:
+    """List the files this rank wrote (sizes, SHA-256), last: its presence marks them complete.
+    Under Ray each rank writes into its own folder, merged into one checkpoint afterwards."""
+    files = {p.name: [p.stat().st_size, _digest(p)] for p in sorted(folder.iterdir())
+             if p.is_file() and not p.name.startswith("manifest_rank")}
+    tmp = folder / f".manifest_rank{rank}.json"
+    tmp.write_text(json.dumps(files))
+    tmp.rename(folder / f"manifest_rank{rank}.json")
+
+
+def checkpoint_problem(folder: Path, rank: int | None = None) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be used (a missing, truncated or changed file,
+    a rank's manifest missing), or None when rank ``rank``'s files and rank 0's metadata are
+    whole (``rank`` None: every rank's)."""
+    try:
+        meta = json.loads((folder / "trainer.json").read_text())
+        ranks = range(int(meta["world"])) if rank is None else sorted({0, rank})
+        for r in ranks:
+            manifest = folder / f"manifest_rank{r}.json"
+            if not manifest.is_file():
+                return f"{manifest.name} is missing (rank {r} did not finish writing)"
+            for name, (size, digest) in json.loads(manifest.read_text()).items():
+                path = folder / name
+                if not path.is_file():
+                    return f"{name} is missing"
+                if path.stat().st_size != size:
+                    return f"{name} has {path.stat().st_size} bytes, {size} were written"
+                if _digest(path) != digest:
+                    return f"{name} differs from what was written (SHA-256)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def usable_checkpoint(candidates: list[Path], log=print) -> Path | None:
+    """The newest of ``candidates`` every rank finds whole (each rank checks its own files and
+    rank 0's, and the ranks agree); each damaged one is logged with its problem."""
+    rank, _ = rank_and_world()
+    for folder in candidates:
+        problems = [p for p in all_gather(checkpoint_problem(folder, rank)) if p]
+        if not problems:
+            return folder
+        log(f"checkpoint {folder} is damaged ({problems[0]}); trying the one before it")
+    if candidates:
+        log("no usable checkpoint: starting from step 0")
+    return None
 
 
 def read_checkpoint(folder: Path, *, model, optimizers, schedulers,

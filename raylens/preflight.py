@@ -59,7 +59,7 @@ def model_folder(config: UnlearnConfig, toyworld: Path | None = None, *,
 def preflight(config: UnlearnConfig, toyworld: Path | None = None) -> list[str]:
     """Check that a run of ``config`` can start here without the network; returns what was
     checked (one line each). Raises ``ConfigError`` naming the first field whose asset is bad or
-    missing."""
+    missing, or the MLflow server that does not answer."""
     layers = validate(config, toyworld)
     folder = model_folder(config, toyworld)
     missing = _missing_weight_files(folder)
@@ -70,7 +70,12 @@ def preflight(config: UnlearnConfig, toyworld: Path | None = None) -> list[str]:
             "`raylens prefetch` for this sweep")
     lens = lens_source(config, toyworld)
     lens_files(lens, config.lens.revision)  # ConfigError naming lens.name_or_path
-    return [f"model {config.model.name_or_path}: config, tokenizer, weights in {folder}",
+    tracked = []
+    if config.tracking.enabled:
+        from raylens.tracking import check_reachable, resolve_uri
+
+        tracked = [check_reachable(resolve_uri(config.tracking))]
+    return [*tracked, f"model {config.model.name_or_path}: config, tokenizer, weights in {folder}",
             f"lens {lens}: {CONFIG_FILE}, {PARAMS_FILE}",
             f"corpora: forget {config.data.forget}, retain {config.data.retain}",
             f"eval tasks: {', '.join(config.eval.tasks)}",

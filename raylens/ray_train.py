@@ -82,7 +82,7 @@ def _ray_worker(loop_config: dict) -> None:
                  on_step=RayStepMetrics(loop_config["name"]) if rank == 0 else None,
                  mlflow_run=tuple(loop_config["mlflow"]) if loop_config.get("mlflow") else None,
                  evaluate=loop_config.get("evaluate", True), extra={"node_per_rank": nodes})
-    if loop_config.get("attack") and not report["eval_error"]:
+    if loop_config.get("attack") and not report["eval_error"] and not report["diverged"]:
         _attack_export(loop_config, config, toyworld, rank)
     ray.train.report({**report, "eval": without_predictions(report["eval"])})
 

@@ -16,6 +16,7 @@ export after scoring it (``raylens.attack``); the suite's worst post-attack forg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -88,21 +89,29 @@ def base_point(sweep: SweepConfig) -> dict:
 
 def objectives(report: dict, sweep: SweepConfig) -> dict:
     """The values a trial reports to Tune from its training report: ``wmdp``, ``mmlu``,
-    ``feasible``, ``infeasible`` (the reason, or ``""``) and ``constraint`` (Optuna's: <= 0 is
-    feasible)."""
-    scores = report["eval"]
-    wmdp = scores[sweep.forget_task]["acc"]
-    mmlu = scores[sweep.retain_task]["acc"]
+    ``feasible``, ``infeasible`` (``diverged``, ``collapsed`` or ``""``), ``reason`` (the
+    sentence: the step and loss, or the accuracy and floor) and ``constraint`` (Optuna's: <= 0
+    is feasible)."""
+    scores = report["eval"] or {}  # None: the run diverged and stopped before scoring
+    wmdp = scores.get(sweep.forget_task, {}).get("acc")
+    mmlu = scores.get(sweep.retain_task, {}).get("acc")
     losses = [report.get("retain_loss"), report.get("forget_loss")]
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in [*losses, wmdp, mmlu]):
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    if not all(finite(v) for v in [*losses, wmdp, mmlu]):
         reason, constraint = "diverged", 1.0
+        why = report.get("diverged") or "diverged: " + ", ".join(
+            f"{k} {v}" for k, v in zip(("retain_loss", "forget_loss", sweep.forget_task,
+                                        sweep.retain_task), [*losses, wmdp, mmlu])
+            if not finite(v))
     elif mmlu < sweep.retain_floor:
         reason, constraint = "collapsed", sweep.retain_floor - mmlu
+        why = (f"collapsed: {sweep.retain_task} {mmlu:.4f} is below sweep.retain_floor="
+               f"{sweep.retain_floor:g}")
     else:
-        reason, constraint = "", sweep.retain_floor - mmlu
-    finite = lambda v, bad: v if isinstance(v, (int, float)) and math.isfinite(v) else bad
-    return {"wmdp": finite(wmdp, 1.0), "mmlu": finite(mmlu, 0.0), "feasible": not reason,
-            "infeasible": reason, "constraint": constraint}
+        reason, constraint, why = "", sweep.retain_floor - mmlu, ""
+    return {"wmdp": wmdp if finite(wmdp) else 1.0, "mmlu": mmlu if finite(mmlu) else 0.0,
+            "feasible": not reason, "infeasible": reason, "reason": why,
+            "constraint": constraint}
 
 
 METRICS = {"forget_acc": ("wmdp", "min"), "attack_acc": ("attack_wmdp", "min"),
@@ -139,11 +148,18 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
             ray.tune.report(result)
             return
     hand_tuned = params == base_point(sweep)
-    run_id = trial_run(tracker, trial_id, config, hand_tuned) if tracker else ""
+    keep = {"trial_id": trial_id, "hand_tuned": hand_tuned, "config": to_flat(config)}
+    run_id = ""
+    if tracker:
+        try:
+            run_id = trial_run(tracker, trial_id, config, hand_tuned)
+        except Exception as exc:  # MLflow down: train anyway, record once it is back
+            print(f"MLflow did not answer ({type(exc).__name__}: {exc}); trial {trial_id} runs "
+                  "and is recorded when the server is back")
     try:
         report = fit_on_ray(config, out=out, storage_path=where.train, name=trial_id,
                             toyworld=Path(toyworld) if toyworld else None,
-                            mlflow_run=(tracker.uri, run_id) if tracker else None,
+                            mlflow_run=(tracker.uri, run_id) if tracker and run_id else None,
                             attack=attack_spec(sweep))
         if report["eval_error"]:
             raise RuntimeError(f"evaluation failed: {report['eval_error']}")
@@ -151,39 +167,112 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
                   "retain_loss": report["retain_loss"], "forget_loss": report["forget_loss"],
                   "num_steps": report["num_steps"], "trial_dir": str(out),
                   **{f"acc/{task}": s["acc"] for task, s in report["eval"].items()}}
-        suite = None
-        if sweep.attack_suite:  # run by the trial's workers on its export
+        if report.get("diverged"):
+            result["diverged"] = report["diverged"]
+        if sweep.attack_suite and not report.get("diverged"):  # by the trial's workers
             suite = json.loads((out / "attack" / "suite.json").read_text())
             result |= {"attack_wmdp": suite["worst"], "attack_worst": suite["worst_attack"],
                        "attack_recovery": suite["recovery"]}
-        if tracker:
-            if suite is not None:
-                record_attack(tracker.client, run_id, suite, str(sweep.attack_suite))
-            record_trial(tracker, run_id, report=report, result=result, out=out,
-                         max_model_mb=config.tracking.max_model_mb)
     except Exception as exc:
         if tracker:
-            record_failure(tracker, run_id, exc)
+            failure = f"{type(exc).__name__}: {exc}"
+            _record_or_keep(lambda error=exc: record_failure(
+                tracker, run_id or trial_run(tracker, trial_id, config, hand_tuned), error),
+                out, {**keep, "failure": failure})
         raise
     (out / "result.json").write_text(json.dumps(result, indent=1))
-    _drop_checkpoints(where, trial_id)  # recorded: it will never resume
+    if tracker:
+        _record_or_keep(lambda: _record_finished(tracker, out, keep, sweep, run_id), out, keep)
+    _drop_checkpoints(where, trial_id)  # recorded (or kept for MLflow): it will never resume
     ray.tune.report(result)
 
 
-class _FrontCallback(Callback):
-    """Tune callback on the driver: after each finished trial, re-tag the Pareto front in MLflow
-    and redraw its plot; a trial whose process died before it could record is marked failed
-    with Tune's error."""
+PENDING = "mlflow_pending.json"
+"""In a trial's folder: what MLflow has not taken yet (the server was down), for ``sync_pending``."""
 
-    def __init__(self, tracker: Tracker):
-        self.tracker = tracker
+
+def _record_or_keep(record, out: Path, keep: dict) -> None:
+    """``record()``; if MLflow does not take it, ``out/mlflow_pending.json`` keeps what is
+    needed to write it later: the trial's result is never lost with the server."""
+    try:
+        record()
+    except Exception as exc:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / PENDING).write_text(json.dumps({**keep, "error": f"{type(exc).__name__}: {exc}"}))
+        print(f"MLflow did not take trial {keep['trial_id']} ({type(exc).__name__}: {exc}); "
+              f"kept in {out / PENDING} until the server is back")
+
+
+def _record_finished(tracker: Tracker, out: Path, keep: dict, sweep: SweepConfig,
+                     run_id: str = "") -> None:
+    """A finished trial's MLflow record, from its folder alone: its run (created if MLflow was
+    down when it started), curves, attack suite, scores, tags and artifacts."""
+    from raylens.config import UnlearnConfig, from_flat
+
+    config = from_flat(UnlearnConfig, keep["config"])
+    run_id = run_id or trial_run(tracker, keep["trial_id"], config, keep["hand_tuned"])
+    if (out / "attack" / "suite.json").exists():
+        record_attack(tracker.client, run_id, json.loads((out / "attack" / "suite.json")
+                                                         .read_text()), str(sweep.attack_suite))
+    record_trial(tracker, run_id, report=json.loads((out / "train_report.json").read_text()),
+                 result=json.loads((out / "result.json").read_text()), out=out,
+                 max_model_mb=config.tracking.max_model_mb)
+
+
+def sync_pending(tracker: Tracker, sweep: SweepConfig) -> list[Path]:
+    """Write to MLflow every trial kept in ``mlflow_pending.json`` while it was down; returns
+    the trial folders still waiting (the server is still down)."""
+    from raylens.config import UnlearnConfig, from_flat
+
+    waiting = []
+    for marker in sorted(paths(sweep).trials.glob(f"*/{PENDING}")):
+        keep, out = json.loads(marker.read_text()), marker.parent
+        try:
+            if "failure" in keep:
+                config = from_flat(UnlearnConfig, keep["config"])
+                record_failure(tracker, trial_run(tracker, keep["trial_id"], config,
+                                                  keep["hand_tuned"]), keep["failure"])
+            else:
+                _record_finished(tracker, out, keep, sweep)
+        except Exception:
+            waiting.append(out)
+            continue
+        marker.unlink()
+    return waiting
+
+
+class _FrontCallback(Callback):
+    """Tune callback on the driver: after each finished trial, write what MLflow missed while
+    it was down (``sync_pending``), re-tag the Pareto front and redraw its plot; a trial whose
+    process died before it could record is marked failed with Tune's error. MLflow being down
+    never stops the sweep: what it misses waits in the trials' folders."""
+
+    def __init__(self, tracker: Tracker, sweep: SweepConfig):
+        self.tracker, self.sweep = tracker, sweep
+
+    def _front(self) -> None:
+        try:
+            sync_pending(self.tracker, self.sweep)
+            update_front(self.tracker)
+        except Exception as exc:
+            print(f"MLflow did not answer ({type(exc).__name__}); the front is tagged when it "
+                  "is back")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        update_front(self.tracker)
+        self._front()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        fail_open_trial(self.tracker, trial.trial_id, str(trial.get_error() or "trial errored"))
-        update_front(self.tracker)
+        reason = str(trial.get_error() or "trial errored")
+        try:
+            fail_open_trial(self.tracker, trial.trial_id, reason)
+        except Exception:
+            config = replace(self.sweep.base, dict(trial.config or {}))
+            out = paths(self.sweep).trials / trial.trial_id
+            out.mkdir(parents=True, exist_ok=True)
+            (out / PENDING).write_text(json.dumps({
+                "trial_id": trial.trial_id, "config": to_flat(config), "failure": reason[:4000],
+                "hand_tuned": dict(trial.config or {}) == base_point(self.sweep)}))
+        self._front()
 
 
 def baseline(sweep: SweepConfig, toyworld: Path | None = None) -> dict:
@@ -198,6 +287,13 @@ def baseline(sweep: SweepConfig, toyworld: Path | None = None) -> dict:
     scores = ray.get(task.remote(sweep.base, toyworld))
     path.write_text(json.dumps(scores, indent=1))
     return scores
+
+
+def study_storage(url: str) -> optuna.storages.RDBStorage:
+    """The Optuna study's storage. Pooled connections are tested before use (Optuna does so
+    only for MySQL): a PostgreSQL server restarted mid-sweep would otherwise hand the searcher a
+    dead connection and end the sweep."""
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
 
 
 def _tune_space(space: dict[str, tuple]) -> dict:
@@ -222,7 +318,7 @@ def _searcher(sweep: SweepConfig, study_url: str):
         metric=[METRICS[k][0] for k in sweep.objectives],
         mode=[METRICS[k][1] for k in sweep.objectives],
         points_to_evaluate=first, sampler=sampler, study_name=sweep.name,
-        storage=optuna.storages.RDBStorage(study_url))
+        storage=study_storage(study_url))
 
 
 class _ConstrainedOptunaSearch(OptunaSearch):
@@ -261,7 +357,7 @@ class _ConstrainedOptunaSearch(OptunaSearch):
 def fail_orphaned_trials(study_url: str, study_name: str) -> int:
     """Mark Optuna trials a crashed driver left RUNNING as FAIL (their Tune trials rerun or are
     dropped by ``Tuner.restore``); returns how many."""
-    storage = optuna.storages.RDBStorage(study_url)
+    storage = study_storage(study_url)
     try:
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
@@ -348,7 +444,7 @@ def _tuner(sweep: SweepConfig, where: SweepPaths, trainable, tracker: Tracker | 
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=sweep.name, storage_path=str(where.tune),
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[_FrontCallback(tracker)] if tracker else [],
+                                  callbacks=[_FrontCallback(tracker, sweep)] if tracker else [],
                                   verbose=0),
     )
 
@@ -405,9 +501,17 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print,
         grid = tuner.fit()
     except BaseException:
         if tracker:
-            finish_sweep(tracker, "FAILED")
+            with contextlib.suppress(Exception):  # MLflow down: the error below matters more
+                finish_sweep(tracker, "FAILED")
         raise
     if tracker:
+        waiting = sync_pending(tracker, sweep)
+        if waiting:
+            raise RuntimeError(
+                f"MLflow at {redact_url(tracker.uri)} did not take {len(waiting)} trial(s): "
+                f"their results are kept in {', '.join(str(w) for w in waiting[:3])}"
+                f"{' ...' if len(waiting) > 3 else ''} ({PENDING}); rerun the sweep with the "
+                "same name once the server is back and they are written")
         update_front(tracker)
         finish_sweep(tracker)
     rows = _rows(grid, sweep.objectives)
@@ -420,7 +524,7 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print,
 def optuna_front(sweep: SweepConfig) -> list[str]:
     """Tune trial ids of the Optuna study's Pareto front (``best_trials``, feasible only)."""
     study = optuna.load_study(study_name=sweep.name,
-                              storage=optuna.storages.RDBStorage(sweep.study_url
+                              storage=study_storage(sweep.study_url
                                                                  or paths(sweep).study_url))
     return sorted(t.user_attrs["tune_trial_id"] for t in study.best_trials)
 

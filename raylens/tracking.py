@@ -62,6 +62,26 @@ def resolve_uri(tracking: TrackingConfig) -> str:
     return uri
 
 
+def check_reachable(uri: str, timeout: float = 10.0) -> str:
+    """An MLflow server's ``/health`` answers, before a sweep starts its first trial (a local
+    store needs no server); one line saying so, else ``ConfigError`` naming the field."""
+    import urllib.request
+
+    from raylens.config import ConfigError, redact_url
+
+    if not uri.startswith(("http://", "https://")):
+        return f"MLflow: local store {uri}"
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as answer:
+            answer.read()
+    except OSError as exc:
+        raise ConfigError(
+            f"tracking.tracking_uri={redact_url(uri)!r} is unreachable ({exc}): allowed a "
+            "running MLflow server (see `raylens ui`), a sqlite:/// file or a folder, or "
+            "tracking.enabled=false") from None
+    return f"MLflow: server {redact_url(uri)} answers"
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative or absolute), else None."""
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
@@ -288,11 +308,17 @@ def _log_outputs(client: MlflowClient, run_id: str, out: Path, files: tuple[str,
 class StepLogger:
     """``train(on_step=...)`` callback for rank 0: buffers each step's record and logs it as
     ``train/<name>`` curves every ``every_s`` seconds and on ``flush``. Steps already in the run
-    (logged before a worker crash, retrained from a checkpoint) are not logged twice."""
+    (logged before a worker crash, retrained from a checkpoint) are not logged twice. An MLflow
+    server that does not answer never stops training: the buffer is kept and tried again at the
+    next flush, and whatever is still missing at the end is logged from ``history.jsonl`` when
+    the trial is recorded (``log_curves``)."""
 
     def __init__(self, uri: str, run_id: str, every_s: float = 5.0):
         self.client, self.run_id, self.every_s = MlflowClient(uri), run_id, every_s
-        history = self.client.get_metric_history(run_id, "train/loss")
+        try:
+            history = self.client.get_metric_history(run_id, "train/loss")
+        except Exception:  # the server is down: log from step 1, the store drops no duplicate
+            history = []
         self.logged = max((m.step for m in history), default=0)
         self.buffer: list[Metric] = []
         self.last = time.monotonic()
@@ -301,18 +327,41 @@ class StepLogger:
         """Buffer a step's record (one already logged before a restart is skipped)."""
         if record["step"] <= self.logged:
             return
-        now = int(time.time() * 1000)
-        self.buffer += [Metric(f"train/{k}", float(record[k]), now, record["step"])
-                        for k in STEP_METRICS if k in record]
+        self.buffer += _step_metrics(record)
         self.logged = record["step"]
         if time.monotonic() - self.last >= self.every_s:
             self.flush()
 
-    def flush(self) -> None:
-        """Log the buffered records (also called at the end of a run and after a crash)."""
-        for i in range(0, len(self.buffer), 1000):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 1000])
-        self.buffer, self.last = [], time.monotonic()
+    def flush(self) -> bool:
+        """Log the buffered records (also called at the end of a run and after a crash);
+        whether they all went (if not, they stay buffered)."""
+        self.last = time.monotonic()
+        try:
+            while self.buffer:
+                self.client.log_batch(self.run_id, metrics=self.buffer[:1000])  # MLflow's limit
+                self.buffer = self.buffer[1000:]
+        except Exception as exc:
+            print(f"MLflow did not take {len(self.buffer)} curve points ({type(exc).__name__}); "
+                  "kept for the next try")
+            return False
+        return True
+
+
+def _step_metrics(record: dict) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(f"train/{k}", float(record[k]), now, record["step"])
+            for k in STEP_METRICS if k in record]
+
+
+def log_curves(client: MlflowClient, run_id: str, history: list[dict]) -> int:
+    """Log the steps of ``history`` that run ``run_id`` lacks (a server that was down while
+    the trial trained); returns how many steps were logged."""
+    have = {m.step for m in client.get_metric_history(run_id, "train/loss")}
+    metrics = [m for record in history if record["step"] not in have
+               for m in _step_metrics(record)]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    return len({m.step for m in metrics})
 
 
 def record_trial(tracker: Tracker, run_id: str, *, report: dict, result: dict, out: Path,
@@ -335,12 +384,17 @@ def record_trial(tracker: Tracker, run_id: str, *, report: dict, result: dict, o
     status = result["infeasible"] or "ok"
     tags = {"status": status, "feasible": str(result["feasible"]).lower(),
             "infeasible": result["infeasible"], "model_path": str(out)}
+    if result.get("reason"):
+        tags["reason"] = result["reason"]
     if report.get("node_per_rank"):  # the nodes' addresses, rank order
         tags["nodes"] = ",".join(report["node_per_rank"])
     client.log_batch(run_id, metrics=metrics,
                      tags=[RunTag(k, v) for k, v in tags.items()])
     for task, scores in (report.get("eval") or {}).items():
         _log_text(client, run_id, f"eval/{task}.json", json.dumps(scores, indent=1))
+    history = out / "history.jsonl"
+    if history.exists():
+        log_curves(client, run_id, [json.loads(line) for line in history.open()])
     _log_outputs(client, run_id, out, ("config.json", "history.jsonl", "train_report.json"),
                  max_model_mb)
     client.set_terminated(run_id, "FINISHED")

@@ -13,6 +13,7 @@ in one process and in every Ray Train worker.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from raylens.checkpoint import read_checkpoint, write_checkpoint
+from raylens.checkpoint import read_checkpoint, usable_checkpoint, write_checkpoint
 from raylens.collectives import all_gather, all_reduce_sum, rank_and_world
 from raylens.config import TOY, ConfigError, UnlearnConfig, to_flat
 from raylens.data import load_paired, load_texts
@@ -72,6 +73,8 @@ class TrainResult:
     """The frozen reference the retain loss compared against."""
     plan: Any = None
     """The parallelism plan the run trained under."""
+    diverged: str | None = None
+    """Why the run stopped early (a non-finite loss at step N), or None."""
 
 
 def lens_source(config: UnlearnConfig, toyworld: Path | None) -> str:
@@ -143,6 +146,8 @@ class Run:
     source_dtype: torch.dtype
     resident: int | None = None
     """``resident_bytes`` after the first step, when weights, gradients and state all exist."""
+    diverged: str | None = None
+    """Set by ``loop`` when a step's loss is not finite: the run stopped there."""
 
 
 def setup(config: UnlearnConfig, toyworld: Path | None = None,
@@ -299,7 +304,7 @@ def train(config: UnlearnConfig, *, toyworld: Path | None = None, log=print,
     history, first = loop(run, train_step, log=log, checkpoints=checkpoints, on_step=on_step)
     return TrainResult(run.model, run.tokenizer, history, run.layers, resumed_from=first,
                        resident_bytes=run.resident or 0, source_dtype=run.source_dtype,
-                       reference=run.reference, plan=run.plan)
+                       reference=run.reference, plan=run.plan, diverged=run.diverged)
 
 
 def loop(run: Run, step_fn, *, log=print, checkpoints=None, on_step=None,
@@ -307,13 +312,16 @@ def loop(run: Run, step_fn, *, log=print, checkpoints=None, on_step=None,
     """Take ``run.total_steps`` steps of ``step_fn(run, step) -> record`` (the unlearning step,
     or an attack's): resume from the latest of ``checkpoints`` and write one every
     ``scaling.checkpoint_every`` steps, log progress, call ``on_step(record)``; leaves the
-    model in eval mode. Returns ``(history, the step it resumed from)``."""
+    model in eval mode. A step whose loss is not finite (the same on every rank: the losses are
+    all-reduced) ends the loop there, with ``run.diverged`` saying so: every later step would
+    be spent on NaN weights. Returns ``(history, the step it resumed from)``."""
     config = run.config
     state = {"model": run.model, "optimizers": run.optimizers, "schedulers": run.schedulers}
     history: list[dict] = []
     first = 0
     if checkpoints is not None:
-        with checkpoints.latest() as folder:
+        with checkpoints.candidates() as found:
+            folder = usable_checkpoint(found, log)
             if folder is not None:
                 first, history = read_checkpoint(folder, **state, config=config)
                 log(f"resumed from {folder} at step {first}/{run.total_steps}")
@@ -322,6 +330,12 @@ def loop(run: Run, step_fn, *, log=print, checkpoints=None, on_step=None,
         record = step_fn(run, step)
         history.append(record)
         (progress or _log_progress)(log, record, run.total_steps)
+        if not math.isfinite(record.get("loss", 0.0)):
+            run.diverged = f"diverged: loss {record['loss']} at step {record['step']}"
+            log(f"{run.diverged}; stopping ({run.total_steps - step - 1} steps not taken)")
+            if on_step is not None:
+                on_step(record)
+            break
         if checkpoints is not None and every and (step + 1) % every == 0 \
                 and step + 1 < run.total_steps:
             checkpoints.save(step + 1, lambda folder: write_checkpoint(
@@ -332,18 +346,31 @@ def loop(run: Run, step_fn, *, log=print, checkpoints=None, on_step=None,
     return history, first
 
 
-def save_run(result: TrainResult, config: UnlearnConfig, out: Path) -> Path:
-    """Export the model and write ``config.json`` (flat) and ``history.jsonl``; returns the model
-    folder, the one any later evaluation must read. ``result.model`` becomes the exported model."""
+def save_run(result: TrainResult, config: UnlearnConfig, out: Path, *,
+             model: bool = True) -> Path:
+    """Export the model (unless ``model`` is false) and write ``config.json`` (flat) and
+    ``history.jsonl``; returns the model folder, the one any later evaluation must read.
+    ``result.model`` becomes the exported model. A write that fails (a full disk) raises
+    ``ExportError`` naming the folder."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_flat(config), indent=1, sort_keys=True))
-    with open(out / "history.jsonl", "w") as f:
-        for record in result.history:
-            f.write(json.dumps(record) + "\n")
-    folder, result.model = export(result.model, result.tokenizer, out, config.mode.kind,
-                                  result.source_dtype)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_flat(config), indent=1, sort_keys=True))
+        with open(out / "history.jsonl", "w") as f:
+            for record in result.history:
+                f.write(json.dumps(record) + "\n")
+        if not model:
+            return out
+        folder, result.model = export(result.model, result.tokenizer, out, config.mode.kind,
+                                      result.source_dtype)
+    except OSError as exc:
+        raise ExportError(f"the run could not be written to {out} ({type(exc).__name__}: "
+                          f"{exc}); its last checkpoint is kept for a resume") from exc
     return folder
+
+
+class ExportError(OSError):
+    """A run's export or files could not be written (a full disk): names the folder."""
 
 
 def without_predictions(scores: dict | None) -> dict:
@@ -378,7 +405,7 @@ def run(config: UnlearnConfig, out: Path, *, toyworld: Path | None = None, log=p
         if curves:
             curves.flush()
     scores, eval_error = None, None
-    if evaluate:
+    if evaluate and not result.diverged:
         try:  # on the live (sharded) model: no export/reload round trip
             with result.plan.precision(config):
                 scores = evaluate_live(result.model, result.tokenizer, config.eval, toyworld)
@@ -386,13 +413,19 @@ def run(config: UnlearnConfig, out: Path, *, toyworld: Path | None = None, log=p
             eval_error = str(exc)
     memory = all_gather({"resident_mb": result.resident_bytes / 2**20,
                          "peak_mb": peak_memory_mb(config.scaling.use_gpu)})
-    result.model, digests = result.plan.plain_model(result.model, config, toyworld,
-                                                    result.source_dtype)
+    digests: list = []
+    if not result.diverged:  # every rank diverges at the same step: none of them gathers
+        result.model, digests = result.plan.plain_model(result.model, config, toyworld,
+                                                        result.source_dtype)
     report = {**result.history[-1], "num_steps": len(result.history), "rank_digests": digests,
               "resumed_from": result.resumed_from, "memory_per_rank": memory, **(extra or {}),
-              "eval": scores, "eval_error": eval_error}
+              "eval": scores, "eval_error": eval_error, "diverged": result.diverged}
     if rank == 0:
         out = Path(out)
-        save_run(result, config, out)
-        (out / "train_report.json").write_text(json.dumps(report, indent=1))
+        save_run(result, config, out, model=not result.diverged)  # NaN weights: not exported
+        try:
+            (out / "train_report.json").write_text(json.dumps(report, indent=1))
+        except OSError as exc:
+            raise ExportError(f"{out / 'train_report.json'} could not be written "
+                              f"({type(exc).__name__}: {exc})") from exc
     return report
