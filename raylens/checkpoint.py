@@ -54,10 +54,14 @@ class FolderCheckpoints:
         try:
             tmp.mkdir(parents=True)
             write(tmp)
-        except Exception as exc:
+        except BaseException as exc:  # dcp's CheckpointException is a BaseException
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
             raise CheckpointWriteError(tmp, exc, self._complete()) from exc
-        tmp.rename(self.root / f"step_{step:06d}")
+        final = self.root / f"step_{step:06d}"
+        shutil.rmtree(final, ignore_errors=True)  # a damaged one the resume went back past
+        tmp.rename(final)
         for old in self._complete()[:-self.keep]:
             shutil.rmtree(old)
 
@@ -74,9 +78,11 @@ class CheckpointWriteError(OSError):
 
 
 def _cause(exc: BaseException) -> str:
-    """The innermost cause of ``exc`` as ``Type: message`` (dcp wraps each rank's error)."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    """What went wrong, as ``Type: message``: dcp's ``CheckpointException`` carries each
+    rank's error (and its traceback) in ``failures``."""
+    failures = getattr(exc, "failures", None)
+    if failures:
+        exc = next(iter(failures.values()))[0]
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -363,7 +363,7 @@ def save_run(result: TrainResult, config: UnlearnConfig, out: Path, *,
             return out
         folder, result.model = export(result.model, result.tokenizer, out, config.mode.kind,
                                       result.source_dtype)
-    except OSError as exc:
+    except Exception as exc:  # OSError, or safetensors' own error type for the same ENOSPC
         raise ExportError(f"the run could not be written to {out} ({type(exc).__name__}: "
                           f"{exc}); its last checkpoint is kept for a resume") from exc
     return folder
