@@ -132,7 +132,7 @@ def sweep_main(real, toy, argv: list[str] | None = None) -> int:
     with ``--toy``. Bad input is one line naming the field, exit 2, before any compute."""
     from raylens.sweepfile import add_sweep_options, sweep_from_options
 
-    parser = argparse.ArgumentParser(description=f"sweep {real.name}")
+    parser = OneLineParser(description=f"sweep {real.name}")
     add_sweep_options(parser)
     args = parser.parse_args(argv)
     try:
@@ -309,11 +309,12 @@ def cmd_attack(args) -> int:
     check(attacks, folder, data=base.data, eval_config=eval_config, scaling=scaling,
           toyworld=toyworld)  # before any compute (and before Ray starts)
     print(f"raylens attack: suite {args.suite} ({len(attacks)} attack(s)) on {folder} -> {out}")
-    from raylens.ray_train import connect_ray, run_attacks
+    from raylens.ray_train import check_placeable, connect_ray, run_attacks
 
     on_ray = _workers_or_gpus(args) is not None
     if on_ray:
         connect_ray()
+        check_placeable(scaling)
     result = run_attacks(folder, attacks, out, data=base.data, eval_config=eval_config,
                          tasks=tasks, scaling=scaling, on_ray=on_ray, toyworld=toyworld,
                          retain_guard=guard)
@@ -389,10 +390,11 @@ def cmd_finalize(args) -> int:
     toy = json.loads(parent["params"].get("eval_tasks", "[]"))[0].startswith("toy_")
     scaling = None
     if chosen is not None:
-        from raylens.ray_train import connect_ray
+        from raylens.ray_train import check_placeable, connect_ray
 
         connect_ray()
         scaling = ScalingConfig(num_workers=chosen[0], use_gpu=chosen[1], checkpoint_every=0)
+        check_placeable(scaling)
     rows = finalize(client, args.experiment, suite_name=args.suite, scaling=scaling,
                     toyworld=tw.load_or_build(_toy_config(args)).root if toy else None)
     tasks = {"forget": parent["tags"]["forget_task"], "retain": parent["tags"]["retain_task"]}
@@ -478,6 +480,15 @@ def cmd_cluster(args) -> int:
     else:
         print("stopped: " + (", ".join(cluster.stop_services(node)) or "nothing was running"))
     return 0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the option, the value, what is allowed),
+    exit status 2, like every other refusal; ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        """Print ``prog: error: message`` on one line and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _seed_option(p: argparse.ArgumentParser) -> None:
@@ -641,7 +652,7 @@ def _add_tool_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``raylens`` argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="raylens", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="raylens", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_commands(sub)
     _add_tool_commands(sub)

@@ -49,20 +49,34 @@ def lens_files(name_or_path: str, revision: str | None) -> tuple[Path, Path]:
         ) from exc
 
 
+def check_lens(name_or_path: str, revision: str | None, model_config):
+    """The lens's config (and its params file) when it was made for a model of
+    ``model_config``'s depth and width; ``ConfigError`` naming ``lens.name_or_path`` otherwise.
+    Reads only the lens's JSON, so a run checks it before loading any weights."""
+    config_path, params_path = lens_files(name_or_path, revision)
+    try:
+        config = TunedLensConfig.from_dict(json.loads(Path(config_path).read_text()))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"lens.name_or_path={name_or_path!r}: {CONFIG_FILE} is not a tuned "
+                          f"lens config ({type(exc).__name__}: {exc})") from None
+    n_layers, d_model = model_config.num_hidden_layers, model_config.hidden_size
+    if config.num_hidden_layers != n_layers or config.d_model != d_model:
+        raise ConfigError(
+            f"lens.name_or_path={name_or_path!r} is invalid: it was made for "
+            f"{config.num_hidden_layers} layers of width {config.d_model}; allowed a lens of "
+            f"this model's {n_layers} layers of width {d_model}"
+        )
+    return config, params_path
+
+
 def load_lens(model, name_or_path: str, revision: str | None = None) -> TunedLens:
     """Load a frozen tuned lens for ``model`` from a folder or hub id.
 
     Parameters are read with ``torch.load(weights_only=True)`` (no arbitrary unpickling) and
     checked against the model: layer count, hidden size and translator shapes must match.
     """
-    config_path, params_path = lens_files(name_or_path, revision)
-    config = TunedLensConfig.from_dict(json.loads(Path(config_path).read_text()))
-    n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
-    if config.num_hidden_layers != n_layers or config.d_model != d_model:
-        raise ConfigError(
-            f"lens.name_or_path={name_or_path!r} was made for {config.num_hidden_layers} layers of "
-            f"width {config.d_model}; the model has {n_layers} layers of width {d_model}"
-        )
+    config, params_path = check_lens(name_or_path, revision, model.config)
+    n_layers = model.config.num_hidden_layers
     state = torch.load(params_path, map_location="cpu", weights_only=True)
     lens = TunedLens(Unembed(model), config)
     expected = set(lens.layer_translators.state_dict())

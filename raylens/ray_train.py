@@ -43,6 +43,24 @@ def connect_ray(*, driver_slots: float | None = None) -> None:
                  dashboard_host="127.0.0.1", log_to_driver=False)
 
 
+def check_placeable(scaling, groups: int = 1) -> None:
+    """Refuse, before any compute, ``groups`` worker groups of ``scaling`` the connected
+    cluster cannot place at all (Ray would wait for them forever): one GPU, else one CPU, per
+    worker. ``ConfigError`` naming the setting, the value and the most the cluster takes."""
+    import ray
+
+    from raylens.config import ConfigError
+
+    have = ray.cluster_resources()
+    kind = "GPU" if scaling.use_gpu else "CPU"
+    fits = int(have.get(kind, 0)) // groups
+    if scaling.num_workers > fits:
+        flag = "--gpus" if scaling.use_gpu else "--workers"
+        raise ConfigError(f"{flag}={scaling.num_workers} (scaling.num_workers) is invalid: the "
+                          f"Ray cluster has {have.get(kind, 0):g} {kind}s; allowed at most "
+                          f"{fits} (one {kind} per worker)")
+
+
 class RayStepMetrics:
     """Each step's record as Prometheus gauges through ``ray.util.metrics``: Ray exports them
     as ``ray_raylens_<name>`` tagged with ``run`` (the Ray Train run name: the trial id), which

@@ -33,7 +33,7 @@ from raylens.config import SweepConfig, redact_url, replace, to_flat, uses_toywo
 from raylens.evaluate import evaluate_base
 from raylens.pareto import beaten_by, pareto_front
 from raylens.preflight import preflight
-from raylens.ray_train import DRIVER_RESOURCE, connect_ray, fit_on_ray
+from raylens.ray_train import DRIVER_RESOURCE, check_placeable, connect_ray, fit_on_ray
 from raylens.recipes import suite
 from raylens.report import markdown_table
 from raylens.tracking import (
@@ -487,6 +487,7 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print,
     sweep = dataclasses.replace(sweep, storage=str(Path(sweep.storage).resolve()))
     where = paths(sweep)
     where.root.mkdir(parents=True, exist_ok=True)
+    check_placeable(sweep.base.scaling)  # one trial's workers, at least
     slots = ray.cluster_resources().get(DRIVER_RESOURCE, 0)
     if not slots:
         raise RuntimeError(f"the Ray cluster offers no {DRIVER_RESOURCE} resource: start it with "

@@ -60,7 +60,14 @@ def load_sweep_file(path: str | Path) -> tuple[SweepConfig, SweepConfig]:
     if spec is None or spec.loader is None:
         raise ConfigError(f"sweep file {str(path)!r} is not a Python file")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError as exc:  # a setting of the file's REAL or TOY sweep
+        raise ConfigError(f"sweep file {str(path)!r}: {exc}") from None
+    except Exception as exc:  # SyntaxError, NameError, ...: the file, not raylens
+        where = f" line {exc.lineno}" if isinstance(exc, SyntaxError) else ""
+        raise ConfigError(f"sweep file {str(path)!r} is invalid:{where} {type(exc).__name__}: "
+                          f"{exc}; allowed a Python file that defines REAL and TOY") from None
     real, toy = getattr(module, "REAL", None), getattr(module, "TOY", None)
     if not (isinstance(real, SweepConfig) and isinstance(toy, SweepConfig)):
         raise ConfigError(f"sweep file {str(path)!r} defines no REAL and TOY SweepConfig")

@@ -26,7 +26,7 @@ from raylens.collectives import all_gather, all_reduce_sum, rank_and_world
 from raylens.config import TOY, ConfigError, UnlearnConfig, to_flat
 from raylens.data import load_paired, load_texts
 from raylens.evaluate import EvalError, eval_questions, evaluate_live
-from raylens.lens import load_lens
+from raylens.lens import check_lens, load_lens
 from raylens.losses import (
     batch_targets,
     example_targets,
@@ -87,10 +87,12 @@ def lens_source(config: UnlearnConfig, toyworld: Path | None) -> str:
 
 
 def validate(config: UnlearnConfig, toyworld: Path | None = None) -> tuple[int, ...]:
-    """Check what needs the model's shape and the corpora, without loading weights; returns the
+    """Check what needs the model's shape (the target layers, the lens), the corpora and the
+    evaluation tasks, without loading weights; returns the
     target layers. Raises ``ConfigError`` naming the field, so a run fails before any compute."""
     model_config = load_model_config(config.model, toyworld)
     layers = resolve_target_layers(config.loss.target_layers, model_config.num_hidden_layers)
+    check_lens(lens_source(config, toyworld), config.lens.revision, model_config)
     load_texts(config.data, toyworld)
     eval_questions(config.eval, load_tokenizer(config.model, toyworld), toyworld, model_config)
     return layers

@@ -15,23 +15,18 @@ from pathlib import Path
 
 from raylens import tracking
 from raylens.checkpoint import FolderCheckpoints
-from raylens.config import ConfigError, UnlearnConfig, to_flat
+from raylens.config import UnlearnConfig, to_flat
 from raylens.evaluate import EvalError, hf_lm, run_lm_eval, scoring_device
 from raylens.model import load_model
-from raylens.ray_train import connect_ray, fit_on_ray
+from raylens.ray_train import check_placeable, connect_ray, fit_on_ray
 from raylens.train import run, validate, without_predictions
 
 
 def _connect(config: UnlearnConfig) -> None:
-    """Reach Ray (``ray_train.connect_ray``); refuse a GPU request the cluster cannot meet,
-    naming it, before any compute."""
-    import ray
-
+    """Reach Ray (``ray_train.connect_ray``); refuse workers or GPUs the cluster cannot place,
+    naming them, before any compute."""
     connect_ray()
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if config.scaling.use_gpu and gpus < config.scaling.num_workers:
-        raise ConfigError(f"--gpus={config.scaling.num_workers} is invalid: the Ray cluster "
-                          f"has {gpus:g} GPUs; allowed at most {gpus:g}")
+    check_placeable(config.scaling)
 
 
 def unlearn(config: UnlearnConfig, out: Path, *, toyworld: Path | None = None,
@@ -41,6 +36,8 @@ def unlearn(config: UnlearnConfig, out: Path, *, toyworld: Path | None = None,
     export's folder) and ``workers``. A failure is recorded in MLflow with its reason and
     raised."""
     validate(config, toyworld)
+    if config.tracking.enabled:
+        tracking.check_reachable(tracking.resolve_uri(config.tracking))
     on_ray = config.scaling.num_workers > 1 or config.scaling.use_gpu
     if on_ray:
         _connect(config)
