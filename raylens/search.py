@@ -29,7 +29,14 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from raylens.attack import check
-from raylens.config import SweepConfig, redact_url, replace, to_flat, uses_toyworld
+from raylens.config import (
+    ConfigError,
+    SweepConfig,
+    redact_url,
+    replace,
+    to_flat,
+    uses_toyworld,
+)
 from raylens.evaluate import evaluate_base
 from raylens.pareto import beaten_by, pareto_front
 from raylens.preflight import preflight
@@ -43,6 +50,7 @@ from raylens.tracking import (
     record_attack,
     record_failure,
     record_trial,
+    resolve_uri,
     start_sweep,
     trial_run,
     update_front,
@@ -166,7 +174,7 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
         result = {**objectives(report, sweep), **{f"param/{k}": v for k, v in params.items()},
                   "retain_loss": report["retain_loss"], "forget_loss": report["forget_loss"],
                   "num_steps": report["num_steps"], "trial_dir": str(out),
-                  **{f"acc/{task}": s["acc"] for task, s in report["eval"].items()}}
+                  **{f"acc/{task}": s["acc"] for task, s in (report["eval"] or {}).items()}}
         if report.get("diverged"):
             result["diverged"] = report["diverged"]
         if sweep.attack_suite and not report.get("diverged"):  # by the trial's workers
@@ -410,7 +418,13 @@ def _start_tracking(sweep: SweepConfig, toyworld: Path | None, log) -> Tracker |
             scores = baseline(sweep, toyworld)
         except Exception as exc:  # the sweep still runs; reports show no baseline row values
             log(f"baseline evaluation failed, continuing without it: {exc}")
-    tracker = start_sweep(sweep, scores)
+    try:
+        tracker = start_sweep(sweep, scores)
+    except Exception as exc:  # MLflow went away after preflight: nothing has run yet
+        raise ConfigError(
+            f"tracking.tracking_uri={redact_url(resolve_uri(sweep.base.tracking))!r} did not "
+            f"answer when the sweep started ({type(exc).__name__}); no trial ran: allowed a "
+            "running MLflow server (rerun the sweep once it is back)") from None
     log(f"MLflow: experiment {sweep.name} at {redact_url(tracker.uri)} (sweep run "
         f"{tracker.parent_run_id})")
     return tracker

@@ -184,3 +184,62 @@ def test_an_mlflow_server_that_does_not_answer_is_an_error_before_any_trial():
                                           r"is unreachable .*allowed a running MLflow server"):
         check_reachable(f"http://127.0.0.1:{port}")
     assert check_reachable("sqlite:////tmp/x.db").startswith("MLflow: local store")
+
+
+def _frozen_eval(rank, world, root, flags):
+    """Score once unlimited (the time it takes), then with a limit of twice that while the
+    parent freezes rank 1 (SIGSTOP) for longer than the limit."""
+    import time
+
+    import torch.distributed as dist
+
+    from raylens.config import EvalConfig, ModelConfig
+    from raylens.evaluate import EvalError, eval_questions, evaluate_live
+    from raylens.model import load_model
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, tokenizer = load_model(ModelConfig(), toyworld=root)
+    questions = eval_questions(EvalConfig(), tokenizer, root, model.config)
+    start = time.monotonic()
+    evaluate_live(model, tokenizer, EvalConfig(batch_size=4), root, questions=questions)
+    limit = max(2.0, 2 * (time.monotonic() - start))
+    dist.barrier()
+    Path(flags, f"rank{rank}").write_text(json.dumps({"pid": os.getpid(), "limit": limit}))
+    start = time.monotonic()
+    try:
+        evaluate_live(model, tokenizer, EvalConfig(batch_size=4, time_limit_s=limit), root,
+                      questions=questions)
+        return ("scored", time.monotonic() - start, limit)
+    except EvalError as exc:
+        return (str(exc), time.monotonic() - start, limit)
+
+
+@pytest.mark.faults
+def test_a_frozen_rank_stops_the_evaluation_on_every_rank_together(world, tmp_path):
+    """Rank 1 is frozen (SIGSTOP) just after the timed evaluation starts, for the limit plus
+    4 s: when it wakes, both ranks find the deadline passed and raise the same time-limit error
+    at the same batch, seconds after the freeze ends, not after a process-group timeout."""
+    import signal
+    import threading
+    import time
+
+    from ranks import run_ranks
+
+    def freeze():
+        flag = tmp_path / "rank1"
+        while not flag.exists():
+            time.sleep(0.05)
+        time.sleep(0.2)
+        info = json.loads(flag.read_text())
+        os.kill(info["pid"], signal.SIGSTOP)
+        time.sleep(info["limit"] + 4)
+        os.kill(info["pid"], signal.SIGCONT)
+
+    thread = threading.Thread(target=freeze)
+    thread.start()
+    results = run_ranks(_frozen_eval, 2, str(world.root), str(tmp_path), timeout=240)
+    thread.join()
+    print(results)
+    (m0, t0, limit), (m1, t1, _) = results
+    assert "exceeded its time limit" in m0 and m0 == m1, results
+    assert limit + 4 <= min(t0, t1) and max(t0, t1) < limit + 4 + 20, results
