@@ -202,8 +202,9 @@ def _frozen_eval(rank, world, root, flags):
     questions = eval_questions(EvalConfig(), tokenizer, root, model.config)
     start = time.monotonic()
     evaluate_live(model, tokenizer, EvalConfig(batch_size=4), root, questions=questions)
-    limit = max(2.0, 2 * (time.monotonic() - start))
-    dist.barrier()
+    from raylens.collectives import all_gather
+
+    limit = max(2.0, 2 * max(all_gather(time.monotonic() - start)))  # one limit for both
     Path(flags, f"rank{rank}").write_text(json.dumps({"pid": os.getpid(), "limit": limit}))
     start = time.monotonic()
     try:

@@ -73,6 +73,9 @@ def _tree(pid: int) -> set[int]:
 @pytest.mark.faults
 def test_the_mlflow_ui_binds_loopback_only(tmp_path):
     """``raylens ui``: every socket its server processes listen on is on 127.0.0.1."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'raylens-mlflow.db'}").search_experiments()  # a store
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
