@@ -56,9 +56,9 @@ def check_placeable(scaling, groups: int = 1) -> None:
     fits = int(have.get(kind, 0)) // groups
     if scaling.num_workers > fits:
         flag = "--gpus" if scaling.use_gpu else "--workers"
-        raise ConfigError(f"{flag}={scaling.num_workers} (scaling.num_workers) is invalid: the "
-                          f"Ray cluster has {have.get(kind, 0):g} {kind}s; allowed at most "
-                          f"{fits} (one {kind} per worker)")
+        raise ConfigError(f"{flag}={scaling.num_workers} is invalid: the Ray cluster has "
+                          f"{have.get(kind, 0):g} {kind}s; allowed at most {fits} "
+                          f"(scaling.num_workers; one {kind} per worker)")
 
 
 class RayStepMetrics:
