@@ -155,8 +155,8 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
         if all(result.get(f"param/{k}") == v for k, v in params.items()):
             ray.tune.report(result)
             return
-    hand_tuned = params == base_point(sweep)
-    keep = {"trial_id": trial_id, "hand_tuned": hand_tuned, "config": to_flat(config)}
+    keep = _kept(sweep, trial_id, params)
+    hand_tuned = keep["hand_tuned"]
     run_id = ""
     if tracker:
         try:
@@ -197,6 +197,13 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
 
 PENDING = "mlflow_pending.json"
 """In a trial's folder: what MLflow has not taken yet (the server was down), for ``sync_pending``."""
+
+
+def _kept(sweep: SweepConfig, trial_id: str, params: dict) -> dict:
+    """What a trial's MLflow record needs beside its folder: its id, whether it is the
+    hand-tuned point, and its flat config."""
+    return {"trial_id": trial_id, "hand_tuned": params == base_point(sweep),
+            "config": to_flat(replace(sweep.base, params))}
 
 
 def _record_or_keep(record, out: Path, keep: dict) -> None:
@@ -274,12 +281,10 @@ class _FrontCallback(Callback):
         try:
             fail_open_trial(self.tracker, trial.trial_id, reason)
         except Exception:
-            config = replace(self.sweep.base, dict(trial.config or {}))
             out = paths(self.sweep).trials / trial.trial_id
             out.mkdir(parents=True, exist_ok=True)
-            (out / PENDING).write_text(json.dumps({
-                "trial_id": trial.trial_id, "config": to_flat(config), "failure": reason[:4000],
-                "hand_tuned": dict(trial.config or {}) == base_point(self.sweep)}))
+            keep = _kept(self.sweep, trial.trial_id, dict(trial.config or {}))
+            (out / PENDING).write_text(json.dumps({**keep, "failure": reason[:4000]}))
         self._front()
 
 

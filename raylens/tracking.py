@@ -332,9 +332,9 @@ class StepLogger:
         if time.monotonic() - self.last >= self.every_s:
             self.flush()
 
-    def flush(self) -> bool:
-        """Log the buffered records (also called at the end of a run and after a crash);
-        whether they all went (if not, they stay buffered)."""
+    def flush(self) -> None:
+        """Log the buffered records (also called at the end of a run and after a crash); what
+        MLflow does not take stays buffered."""
         self.last = time.monotonic()
         try:
             while self.buffer:
@@ -343,8 +343,6 @@ class StepLogger:
         except Exception as exc:
             print(f"MLflow did not take {len(self.buffer)} curve points ({type(exc).__name__}); "
                   "kept for the next try")
-            return False
-        return True
 
 
 def _step_metrics(record: dict) -> list[Metric]:
