@@ -7,9 +7,11 @@ instead: a refactor must leave every number as it was.
 
 The world is a tiny one of its own (not the default world, whose numbers depend on how its model
 was built), built here in seconds; torch runs on one thread, so the reduction order is fixed.
-The tolerance is 1e-6 relative: on the machine that pinned them the runs reproduce bit for bit,
-and the margin absorbs only a CPU whose vector units round a sum differently. To re-pin after a
-change meant to alter the numbers: ``python tests/test_golden.py`` prints the table below.
+On one machine the runs reproduce bit for bit; across machines they do not, and the tolerance
+(``TOLERANCE``) is what three machines of this workplace showed, with room to spare, and far
+below what a change to the pipeline moves (Muon's learning rate 1 % higher moves the records by
+1 %; a changed data order or target moves step 1's losses). To re-pin after a change meant to
+alter the numbers: ``python tests/test_golden.py`` prints the table below.
 """
 
 import os
@@ -73,6 +75,14 @@ GOLDEN: dict[tuple[str, int], list[dict]] = {
 }
 """(recipe, ranks) -> the records of steps 1..4 (``KEYS`` present in them)."""
 
+TOLERANCE = {"lora_adamw": 1e-5, "sft_adamw": 1e-5, "sft_muon": 5e-3}
+"""Relative tolerance per recipe. fp32 recipes: MKL and ATen pick their kernels by CPU, so a
+sum is rounded differently on another CPU (measured: up to 1.3e-6, LoRA's step-4 grad norm).
+``sft_muon``: ``torch.optim.Muon`` runs its Newton-Schulz iteration in bf16, which turns a
+gradient differing in its 7th digit into an update differing in its 3rd (bf16 keeps 8 bits),
+and the retain loss, quadratic in the update, follows (measured: up to 8.2e-4, the step-2 retain
+loss, 0.040582 on CI's machine, 0.040625 on another, 0.040615 pinned)."""
+
 
 def trajectories(rank: int, world: int, root: str) -> dict[str, list[dict]]:
     """Each recipe's records on the world at ``root``, as rank ``rank`` of ``world`` (gloo)."""
@@ -105,7 +115,7 @@ def _check(runs: dict[str, list[dict]], world: int) -> None:
         for got, want in zip(records, pinned):
             assert set(got) == set(want), (name, got["step"])
             for key, value in want.items():
-                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), \
+                assert got[key] == pytest.approx(value, rel=TOLERANCE[name], abs=1e-12), \
                     (name, world, got["step"], key)
 
 
