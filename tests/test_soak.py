@@ -29,37 +29,18 @@ import time
 from pathlib import Path
 
 import pytest
+from faultsoak import HF_CANARY, SWEEP_FILE, check, leaks, plan, records, run_with_faults
 
 pytestmark = [pytest.mark.faults, pytest.mark.any_world]
 
 SEED = int(os.environ.get("RAYLENS_SOAK_SEED", "2026"))
 TRIALS = int(os.environ.get("RAYLENS_SOAK_TRIALS", "30"))
-CANARIES = {"HF_TOKEN": "hf_CANARYhuggingface0123456789",
+CANARIES = {"HF_TOKEN": HF_CANARY,
             "MLFLOW_TRACKING_USERNAME": "canary-user",
             "MLFLOW_TRACKING_PASSWORD": "CANARYmlflowpassword42",
             "PGPASSWORD": "CANARYpostgrespassword42"}
 FAULT_LOG = Path(tempfile.gettempdir()) / "raylens-soak-faults.jsonl"
 """Each fault as it is injected (one JSON line each), to follow a soak while it runs."""
-KINDS = ("kill_worker", "kill_driver", "mlflow_down", "postgres_restart")
-
-SWEEP_FILE = """
-import sys
-from raylens.cli import sweep_main
-from raylens.config import SweepConfig
-from raylens.recipes import recipe
-from raylens.config import replace
-
-BASE = replace(recipe("sft_adamw"), {{"data.num_examples": 64, "scaling.checkpoint_every": 2,
-                                      "scaling.max_failures": 2}})
-TOY = REAL = SweepConfig(
-    name="soak", base=BASE, num_trials={trials}, retain_floor=0.6, seed={seed},
-    space={{"optim.lr": ("log", 1e-5, 300.0), "loss.retain_coef": ("log", 1e-3, 10.0),
-            "eval.time_limit_s": ("choice", (0.05, 1800.0, 1800.0, 1800.0))}},
-    attack_suite="short")
-
-if __name__ == "__main__":
-    sys.exit(sweep_main(REAL, TOY))
-"""
 
 
 def _port() -> int:
@@ -163,12 +144,6 @@ def _train_workers() -> list[int]:
     return found
 
 
-def _plan(rng: random.Random, span: float) -> list[tuple[float, str]]:
-    """Every kind once and three more drawn at random, at random times over ``span`` s."""
-    kinds = [*KINDS, *rng.choices(KINDS, k=3)]
-    return sorted((rng.uniform(150, span), kind) for kind in kinds)
-
-
 def _driver(sweep_file: Path, root: Path, study_url: str, mlflow_uri: str, n: int):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
     env.update(CANARIES)
@@ -179,8 +154,9 @@ def _driver(sweep_file: Path, root: Path, study_url: str, mlflow_uri: str, n: in
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _inject(event: dict, rng, drivers: list, start_driver, mlflow, pg) -> bool:
-    """Inject one fault; False when there was nothing to hit (no Train worker right now)."""
+def _inject(event: dict, drivers: list, rng, start_driver, mlflow, pg) -> bool:
+    """Inject one fault on this machine; False when there was nothing to hit (no Train worker
+    right now)."""
     kind = event["kind"]
     if kind == "kill_worker":
         workers = _train_workers()
@@ -188,7 +164,7 @@ def _inject(event: dict, rng, drivers: list, start_driver, mlflow, pg) -> bool:
             return False
         event["pid"] = rng.choice(workers)
         os.kill(event["pid"], signal.SIGKILL)
-    elif kind == "kill_driver":
+    elif kind == "kill_driver":  # the driver and the Ray instance it started
         os.killpg(drivers[-1].pid, signal.SIGKILL)
         drivers[-1].wait()
         time.sleep(5)
@@ -203,132 +179,49 @@ def _inject(event: dict, rng, drivers: list, start_driver, mlflow, pg) -> bool:
     return True
 
 
-def _run_with_faults(drivers: list, plan, rng, start_driver, mlflow, pg) -> tuple[list[dict],
-                                                                                   float]:
-    """Run the sweep to its end, injecting the planned faults; a driver that ends by itself
-    before the plan is through with an error (MLflow down as it started) is started again, as
-    its operator would. ``drivers`` gets every driver started; returns the faults injected and
-    the seconds it took."""
-    drivers.append(start_driver())
-    injected: list[dict] = []
-    start = time.monotonic()
-    while drivers[-1].poll() is None or plan:
-        now = time.monotonic() - start
-        if drivers[-1].poll() is not None:
-            if drivers[-1].returncode in (0, 1) or len(drivers) > 12:
-                break
-            injected.append({"kind": "driver_ended", "code": drivers[-1].returncode,
-                             "at_s": round(now)})
-            drivers.append(start_driver())
-        if plan and now >= plan[0][0]:
-            event = {"kind": plan.pop(0)[1], "at_s": round(now)}
-            if _inject(event, rng, drivers, start_driver, mlflow, pg):
-                injected.append(event)
-                with open(FAULT_LOG, "a") as f:  # pytest captures this process's output
-                    f.write(json.dumps(event) + "\n")
-            else:
-                plan.insert(0, (now + 5, event["kind"]))  # between trials: again shortly
-        time.sleep(1)
-    if drivers[-1].returncode not in (0, 1):  # ended with MLflow down: the rerun writes it all
-        drivers.append(start_driver())
-        drivers[-1].wait(3600)
-    return injected, time.monotonic() - start
-
-
-def _leaks(places: list[Path]) -> tuple[int, list[str]]:
-    """How many files were searched and which hold a canary."""
-    searched, leaks = 0, []
-    for place in places:
-        for path in place.rglob("*"):
-            if not path.is_file() or path.is_symlink():
-                continue
-            try:
-                data = path.read_bytes()
-            except OSError:
-                continue
-            searched += 1
-            leaks += [f"{path}: {k}" for k, v in CANARIES.items() if v.encode() in data]
-    return searched, leaks
-
-
-def _check_trial(client, row: dict) -> None:
-    """One trial's record: a final status, its reason, the attacks where they ran."""
-    status = row["status"]
-    assert status in ("ok", "collapsed", "diverged", "failed"), row
-    assert client.get_run(row["run_id"]).info.status in ("FINISHED", "FAILED")
-    if status == "failed":
-        assert row["tags"].get("failure_reason"), row["tags"]
-    elif status != "ok":
-        assert row["tags"].get("reason", "").startswith(status), row["tags"]
-    if status in ("ok", "collapsed"):
-        assert row["attack_acc"] is not None, row  # the attacks ran and were recorded
-
-
-def _check_records(mlflow_uri: str, study_url: str, trials_dir: Path, trials: int):
-    """Every trial once in MLflow and once in the Optuna study, each with its final status and
-    reason, nothing pending; MLflow's front = the one recomputed from the surviving trials =
-    Optuna's. Returns the trials by status and the front."""
+def test_soak_every_trial_is_accounted_for_once_and_no_secret_leaks(world, capsys, monkeypatch):
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from raylens.pareto import pareto_front
-    from raylens.tracking import trial_rows
-
-    client = MlflowClient(mlflow_uri)
-    _, rows = trial_rows(client, "soak")
-    mlflow_ids = [r["trial_id"] for r in rows]
-    assert len(rows) == trials and len(set(mlflow_ids)) == trials, mlflow_ids
-    study = optuna.load_study(study_name="soak", storage=optuna.storages.RDBStorage(study_url))
-    counted = [t.user_attrs.get("tune_trial_id") for t in study.trials
-               if t.state.is_finished() and t.user_attrs.get("failed_because") != "driver crashed"]
-    assert sorted(counted) == sorted(mlflow_ids), (counted, mlflow_ids)
-    on_disk = {p.name for p in trials_dir.iterdir() if p.is_dir()}
-    assert on_disk <= set(mlflow_ids), on_disk - set(mlflow_ids)
-    statuses: dict[str, int] = {}
-    for row in rows:
-        _check_trial(client, row)
-        statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-    assert not list(trials_dir.glob("*/mlflow_pending.json"))
-    recomputed = sorted(r["trial_id"] for r in pareto_front(
-        [r for r in rows if r["status"] != "failed"]))
-    tagged = sorted(r["trial_id"] for r in rows if r["pareto"])
-    best = sorted(t.user_attrs["tune_trial_id"] for t in study.best_trials)
-    assert tagged == recomputed == best and tagged, (tagged, recomputed, best)
-    return statuses, tagged
-
-
-def test_soak_every_trial_is_accounted_for_once_and_no_secret_leaks(world, capsys, monkeypatch):
     root = Path(tempfile.mkdtemp(prefix="raylens-soak-"))
     pg = Postgres(root, CANARIES["PGPASSWORD"])
     mlflow = MlflowServer(root)
     sweep_file = root / "soak.py"
     sweep_file.write_text(SWEEP_FILE.format(trials=TRIALS, seed=SEED))
     rng = random.Random(SEED)
-    plan = _plan(rng, span=45.0 * TRIALS)
+    faults = plan(rng, span=45.0 * TRIALS)
     count = iter(range(100))
     start_driver = lambda: _driver(sweep_file, root, pg.url, mlflow.uri, next(count))  # noqa: E731
     drivers: list = []
     try:
-        injected, took = _run_with_faults(drivers, plan, rng, start_driver, mlflow, pg)
+        drivers, injected, took = run_with_faults(
+            start_driver, faults,
+            lambda event, drivers: _inject(event, drivers, rng, start_driver, mlflow, pg),
+            finished=lambda driver: driver.returncode in (0, 1), log_to=FAULT_LOG)
         logs = "\n".join(p.read_text() for p in sorted(root.glob("driver-*.log")))
         assert drivers[-1].returncode in (0, 1), logs[-4000:]
 
         monkeypatch.setenv("PGPASSWORD", CANARIES["PGPASSWORD"])  # to read the study here
-        statuses, tagged = _check_records(mlflow.uri, pg.url, root / "runs" / "soak" / "trials",
-                                          TRIALS)
+        study = optuna.load_study(study_name="soak", storage=optuna.storages.RDBStorage(pg.url))
+        found = records(MlflowClient(mlflow.uri), study)
+        trials_dir = root / "runs" / "soak" / "trials"
+        statuses = check(found, TRIALS, {p.name for p in trials_dir.iterdir() if p.is_dir()})
+        assert not list(trials_dir.glob("*/mlflow_pending.json"))
 
         # no canary in anything the sweep, MLflow, PostgreSQL or Ray wrote
         pg.stop()
         mlflow.stop()
         sessions = [p for p in Path("/tmp/ray").glob("session_2*")
                     if p.stat().st_mtime > time.time() - took - 60]
-        searched, leaks = _leaks([root, *sessions])
-        assert searched > 100 and not leaks, leaks[:10]
+        searched, leaked = leaks([root, *sessions], CANARIES)
+        assert searched > 100 and not leaked, leaked[:10]
+        resumed = sum(1 for r in found["rows"] if (r["resumed_from"] or 0) > 0)
         with capsys.disabled():
             print(f"\nsoak (seed {SEED}): {TRIALS} trials in {took:.0f} s; faults injected: "
-                  f"{json.dumps(injected)}; trials by status: {statuses}; lost: 0; drivers "
-                  f"started: {len(drivers)}; front {tagged}; {searched} files searched for "
-                  "canaries, none found")
+                  f"{json.dumps(injected)}; trials by status: {statuses}; lost: 0; resumed "
+                  f"from a checkpoint: {resumed}; Optuna trials a killed driver left running: "
+                  f"{found['optuna_driver_crashed']}; drivers started: {len(drivers)}; front "
+                  f"{found['tagged_front']}; {searched} files searched for canaries, none found")
     finally:
         for proc in drivers:
             if proc.poll() is None:
