@@ -352,13 +352,18 @@ class _ConstrainedOptunaSearch(OptunaSearch):
             return None
         if frozen.state.is_finished():
             # a trial the crashed driver left running: marked FAIL on resume, rerun by Tune;
-            # its result becomes a new Optuna trial with the same settings
+            # its outcome becomes a new Optuna trial with the same settings (a failed rerun too:
+            # else the study would hold it only as the crash's FAIL, and lose it)
             self._completed_trials.add(trial_id)
             if result and all(result.get(m) is not None for m in self.metric):
                 self._ot_study.add_trial(optuna.trial.create_trial(
                     params=frozen.params, distributions=frozen.distributions,
                     values=[result[m] for m in self.metric], user_attrs=attrs,
                     constraints={"retain_floor": attrs.get("constraint", 0.0)}))
+            else:
+                self._ot_study.add_trial(optuna.trial.create_trial(
+                    params=frozen.params, distributions=frozen.distributions,
+                    user_attrs=attrs, state=optuna.trial.TrialState.FAIL))
             return None
         for key, value in attrs.items():
             ot_trial.set_user_attr(key, value)

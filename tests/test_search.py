@@ -39,6 +39,39 @@ def test_objectives_mark_diverged_and_collapsed_trials_infeasible():
     assert diverged["infeasible"] == "diverged" and diverged["constraint"] == 1.0
 
 
+@pytest.mark.parametrize("rerun", ["failed", "scored"])
+def test_a_trial_a_crashed_driver_left_running_is_counted_once_after_its_rerun(rerun, tmp_path):
+    """A killed driver leaves its running trials RUNNING in the study; the resume marks them
+    FAIL ("driver crashed") and Tune reruns them. The rerun's outcome must reach the study as a
+    trial of its own, a failed one too (the cluster soak found one that only the crash's FAIL
+    stood for): the study then counts every Tune trial once, as MLflow does."""
+    import optuna
+
+    from raylens.recipes import demo_sweep
+    from raylens.search import _searcher, fail_orphaned_trials
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    sweep = demo_sweep(storage=str(tmp_path), name="orphans", num_trials=2)
+    searcher = _searcher(sweep, url)
+    params = searcher.suggest("t1")
+    assert fail_orphaned_trials(url, "orphans") == 1  # the resume after the crash
+    if rerun == "failed":  # e.g. its evaluation ran out of time
+        searcher.on_trial_complete("t1", result=None, error=True)
+    else:
+        searcher.on_trial_complete("t1", result={"wmdp": 0.3, "mmlu": 0.9, "constraint": -0.3,
+                                                 "infeasible": ""})
+    study = optuna.load_study(study_name="orphans", storage=url)
+    counted = [t for t in study.trials if t.state.is_finished()
+               and t.user_attrs.get("failed_because") != "driver crashed"]
+    assert [t.user_attrs["tune_trial_id"] for t in counted] == ["t1"]
+    (trial,) = counted
+    assert trial.params == params
+    if rerun == "failed":
+        assert trial.state == optuna.trial.TrialState.FAIL
+    else:
+        assert trial.values == [0.3, 0.9] and trial.state == optuna.trial.TrialState.COMPLETE
+
+
 def test_pareto_front_keeps_undominated_feasible_rows_only():
     rows = [{"id": i, "forget_acc": w, "retain_acc": m, "feasible": f} for i, (w, m, f) in enumerate([
         (0.30, 0.90, True), (0.35, 0.95, True), (0.32, 0.89, True),  # 2 dominated by 0
