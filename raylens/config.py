@@ -290,6 +290,12 @@ class LossConfig(_Checked):
     tokens: the mean per token, whatever the padding and document lengths), ``sequence``
     (sequences: a sum per sequence, the seed's KL ``batchmean``) or ``padded_position``
     (sequences x ``data.max_length``: pads counted as zeros, the seed's LoRA ``nanmean``)."""
+    lens_chunk_tokens: int = _f(1024, _check_count)
+    """The forget loss computes each target layer's lens logits for this many tokens at a time
+    and recomputes them in the backward pass (activation checkpointing), so its memory is
+    ``chunk x vocabulary`` instead of ``batch x sequence x vocabulary`` per layer (a 2,048-token
+    sequence at 50,304 tokens: 412 MB of fp32 logits per layer kept for the backward, against
+    206 MB transient); 0: whole, nothing recomputed. The loss and gradients are the same."""
 
     def _cross_checks(self) -> None:
         if self.retain_coef == 0 and self.remove_coef == 0:

@@ -13,12 +13,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
-def lens_logits(lens, hidden_states: tuple[torch.Tensor, ...], layer: int) -> torch.Tensor:
-    """Lens logits at ``layer``: translator ``layer`` applied to ``hidden_states[layer]``, the
-    residual stream entering block ``layer`` (the stream the lens was trained on), in fp32."""
-    return lens(hidden_states[layer].float(), layer).float()
+def lens_logits(lens, stream: torch.Tensor, layer: int) -> torch.Tensor:
+    """Lens logits at ``layer`` in fp32: translator ``layer`` applied to ``stream``, which is
+    ``hidden_states[layer]``, the residual stream entering block ``layer`` (the stream the lens
+    was trained on); any leading shape."""
+    return lens(stream.float(), layer).float()
 
 
 def example_targets(seed: int, epoch: int, index: int, num_layers: int, length: int,
@@ -40,19 +42,43 @@ def batch_targets(per_example: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def forget_token_loss(lens, hidden_states, layers, mask, targets) -> torch.Tensor:
+def forget_token_loss(lens, hidden_states, layers, mask, targets,
+                      chunk_tokens: int = 0) -> torch.Tensor:
     """Per token, ``mean_l CE(lens_l(h_l), y_l) / ln V`` in fp32; ``targets[k]`` holds the
     uniform random targets for ``layers[k]`` (``example_targets``). Pad positions are 0.
 
-    Its mean is 1.0 when the lens predicts the uniform distribution (the optimum)."""
+    Its mean is 1.0 when the lens predicts the uniform distribution (the optimum). With
+    ``chunk_tokens`` (> 0, fewer than the batch's tokens) each layer's logits exist for that many
+    tokens at a time: each chunk's cross-entropy is checkpointed, so the backward recomputes its
+    logits instead of keeping the whole ``[batch, seq, vocab]`` tensor."""
     per_layer = []
     for k, layer in enumerate(layers):
-        logits = lens_logits(lens, hidden_states, layer)
-        vocab = logits.shape[-1]
-        ce = F.cross_entropy(logits.flatten(0, 1), targets[k].to(logits.device).flatten(),
-                             reduction="none")
-        per_layer.append(ce.view(mask.shape) / math.log(vocab))
+        h, y = hidden_states[layer], targets[k].to(hidden_states[layer].device)
+        tokens = h.shape[0] * h.shape[1]
+        if 0 < chunk_tokens < tokens:
+            flat, y = h.flatten(0, 1), y.flatten()
+            ce = torch.cat([
+                checkpoint(_lens_cross_entropy, lens, flat[i : i + chunk_tokens], layer,
+                           y[i : i + chunk_tokens], use_reentrant=False,
+                           preserve_rng_state=False)  # the lens draws no random numbers
+                for i in range(0, tokens, chunk_tokens)])
+        else:
+            ce = _lens_cross_entropy(lens, h, layer, y)
+        per_layer.append(ce.view(mask.shape) / math.log(lens_vocab(lens)))
     return torch.stack(per_layer).mean(0) * mask
+
+
+def _lens_cross_entropy(lens, hidden: torch.Tensor, layer: int,
+                        targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy (fp32, flat) of ``lens_logits`` against ``targets`` (the shape
+    of ``hidden`` less its last dimension)."""
+    logits = lens_logits(lens, hidden, layer)
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
+
+
+def lens_vocab(lens) -> int:
+    """The lens's output vocabulary (its unembedding's rows)."""
+    return lens.unembed.unembedding.out_features
 
 
 def retain_l2_token_loss(hidden_states, ref_hidden_states, layers, mask) -> torch.Tensor:

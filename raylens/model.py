@@ -170,9 +170,12 @@ class Reference:
             self.model.requires_grad_(False).eval()
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """The original model's outputs (hidden states included) on a batch, without grad."""
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 logits: bool = True):
+        """The original model's outputs (hidden states included) on a batch, without grad;
+        without ``logits``, those of the last position only (the output head's cost spared)."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                      logits_to_keep=0 if logits else 1)
         if self.mode == "lora":
             with self.model.disable_adapter():
                 return self.model(**kwargs)

@@ -56,7 +56,7 @@ def test_translator_l_fits_the_stream_entering_block_l(toy, world):
                     kl[stream, translator] += _kl(out.logits[0], lens(out.hidden_states[stream],
                                                                       translator)[0])
             layer = 3
-            assert torch.equal(lens_logits(lens, out.hidden_states, layer),
+            assert torch.equal(lens_logits(lens, out.hidden_states[layer], layer),
                                lens(out.hidden_states[layer].float(), layer))
     assert kl.argmin(dim=1).tolist() == list(range(n)), kl / len(texts)
 
@@ -103,6 +103,51 @@ def test_forget_loss_is_one_for_a_uniform_lens():
     targets = batch_targets([example_targets(0, 0, i, 3, 5, 11) for i in range(3)], 5)
     loss = forget_token_loss(lens, hidden, (0, 1, 2), mask, targets).sum() / mask.sum()
     assert loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """``fn()``'s result and the bytes autograd keeps for its backward (after the forward)."""
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        kept[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(kept.values())
+
+
+def test_chunked_forget_loss_has_the_same_loss_and_gradients_in_less_memory():
+    """Chunking the lens logits (``loss.lens_chunk_tokens``) changes neither the loss nor any
+    gradient, and the backward no longer keeps ``[batch, seq, vocab]`` logits: a vocabulary of
+    4,096 over 2 x 24 tokens, 3 layers, chunks of 10 tokens (the last one short)."""
+    model = tiny_neox(vocab=4096, hidden=16, layers=4, seed=3, positions=32).eval()
+    lens = TunedLens.from_model(model)
+    gen = torch.Generator().manual_seed(2)
+    for t in lens.layer_translators:
+        t.weight.data = torch.randn(t.weight.shape, generator=gen) * 0.3
+    ids = torch.randint(4096, (2, 24), generator=gen)
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 17:] = 0
+    layers = (1, 2, 3)
+    targets = batch_targets([example_targets(0, 0, i, 3, 24, 4096) for i in range(2)], 24)
+    results = {}
+    for chunk in (0, 10):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hidden = tuple(h.detach().requires_grad_() for h in out.hidden_states)
+        loss, saved = _saved_bytes(lambda: forget_token_loss(
+            lens, hidden, layers, mask, targets, chunk).sum() / mask.sum())
+        loss.backward()
+        results[chunk] = loss.item(), [hidden[l].grad for l in layers], saved
+    (whole, whole_grads, whole_saved), (chunked, chunked_grads, chunked_saved) = results.values()
+    assert chunked == pytest.approx(whole, rel=1e-6)
+    for a, b in zip(whole_grads, chunked_grads):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (a - b).abs().max() / a.abs().max()
+    logits_bytes = 2 * 24 * 4096 * 4
+    assert whole_saved > 3 * logits_bytes  # each layer's fp32 logits (and their softmax)
+    assert chunked_saved < logits_bytes / 4  # only the chunks' inputs
 
 
 def test_targets_depend_on_the_example_not_its_batch():
