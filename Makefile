@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # "Figures and machines").
 FRESH_WORLD ?= {"build_threads": 1}
 
-.PHONY: install demo lint test test-faults test-integration test-fresh-world test-rehearsal test-cluster test-slow test-gpu bench
+.PHONY: install demo lint test test-faults test-integration test-fresh-world test-rehearsal test-cluster test-cluster-soak test-slow test-gpu bench
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,16 @@ test-cluster: install
 	      openssh-server rsync postgresql > /dev/null; }
 	$(PY) tests/cluster/rehearse.py
 
+# As root: the fault soak (tests/faultsoak.py) on the same rehearsal cluster: 30 toy trials with
+# attacks, a Train worker and the driver killed, MLflow stopped, PostgreSQL restarted (see
+# tests/cluster/soak.py); about an hour on 2 cores, not in CI. SOAK_ARGS: e.g. --trials 4 --seed 7.
+SOAK_ARGS ?=
+test-cluster-soak: install
+	command -v sshd rsync > /dev/null && ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      openssh-server rsync postgresql > /dev/null; }
+	$(PY) tests/cluster/soak.py $(SOAK_ARGS)
+
 # On a GPU machine: the real shapes (6.9B LoRA, 2.8B FSDP2) for one step each, see bench/gpu.py.
 test-gpu: install
 	$(VENV)/bin/python bench/gpu.py
@@ -75,7 +85,14 @@ test-slow: install
 	$(PY) -m pip install --quiet -e ".[test,ui-test]"
 	$(VENV)/bin/python -m pytest -q -m slow
 
+# Every benchmark, one after another (never beside tests: two torch processes on 2 cores
+# thrash); each prints ratios measured side by side. The sweep-efficiency table itself is built
+# by `python bench/sweep_efficiency.py --build` (about 40 min) and kept in bench/data/.
 bench: install
 	$(VENV)/bin/python bench/toyworld_cache.py
 	$(VENV)/bin/python bench/fsdp_memory.py
 	$(VENV)/bin/python bench/eval_speed.py
+	$(VENV)/bin/python bench/eval_speed.py --end-to-end
+	$(VENV)/bin/python bench/step_cost.py
+	$(VENV)/bin/python bench/scaling.py
+	$(VENV)/bin/python bench/sweep_efficiency.py

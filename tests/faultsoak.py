@@ -48,18 +48,19 @@ def plan(rng: random.Random, span: float) -> list[tuple[float, str]]:
     return sorted((rng.uniform(150, span), kind) for kind in kinds)
 
 
-def run_with_faults(start_driver: Callable, plan: list[tuple[float, str]],
+def run_with_faults(drivers: list, start_driver: Callable, plan: list[tuple[float, str]],
                     inject: Callable[[dict, list], bool], *, finished: Callable,
-                    log_to: Path | None = None, max_drivers: int = 12) -> tuple[list, list, float]:
+                    log_to: Path | None = None, max_drivers: int = 12) -> tuple[list, float]:
     """Run a sweep to its end, injecting ``plan``'s faults at their times.
 
-    ``start_driver()`` starts a driver (a ``Popen``); ``inject(event, drivers)`` injects
+    ``start_driver()`` starts a driver (a ``Popen``), appended to ``drivers`` (the caller's
+    list, so that it can stop them after a failure); ``inject(event, drivers)`` injects
     ``event["kind"]`` (it may start a new driver itself, appending it to ``drivers``) and
     returns False when there was nothing to hit (no Train worker right now: tried again in
     5 s); ``finished(driver)`` says whether an ended driver finished the sweep. A driver that
     ends without finishing it (MLflow was down as it started) is started again, as its operator
-    would. Returns (the drivers started, the faults injected, the seconds it took)."""
-    drivers = [start_driver()]
+    would. Returns (the faults injected, the seconds it took)."""
+    drivers.append(start_driver())
     injected: list[dict] = []
     start = time.monotonic()
     while drivers[-1].poll() is None or plan:
@@ -83,7 +84,7 @@ def run_with_faults(start_driver: Callable, plan: list[tuple[float, str]],
     while not finished(drivers[-1]) and len(drivers) <= max_drivers:
         drivers.append(start_driver())  # ended while MLflow was down: the rerun writes it all
         drivers[-1].wait(3600)
-    return drivers, injected, time.monotonic() - start
+    return injected, time.monotonic() - start
 
 
 def records(client, study, name: str = SWEEP_NAME) -> dict:

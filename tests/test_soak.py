@@ -194,8 +194,8 @@ def test_soak_every_trial_is_accounted_for_once_and_no_secret_leaks(world, capsy
     start_driver = lambda: _driver(sweep_file, root, pg.url, mlflow.uri, next(count))  # noqa: E731
     drivers: list = []
     try:
-        drivers, injected, took = run_with_faults(
-            start_driver, faults,
+        injected, took = run_with_faults(
+            drivers, start_driver, faults,
             lambda event, drivers: _inject(event, drivers, rng, start_driver, mlflow, pg),
             finished=lambda driver: driver.returncode in (0, 1), log_to=FAULT_LOG)
         logs = "\n".join(p.read_text() for p in sorted(root.glob("driver-*.log")))

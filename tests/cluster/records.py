@@ -1,6 +1,7 @@
 """Run on the rehearsal's head (``ray exec``): what MLflow and the Optuna study hold for each
-sweep named on the command line, as one JSON line. Reads the node's environment
-(``MLFLOW_TRACKING_URI`` and credentials, ``RAYLENS_STUDY_URL``, ``RAYLENS_STORAGE``)."""
+sweep named on the command line, as one JSON line (``--soak NAME``: the soak's records). Reads
+the node's environment (``MLFLOW_TRACKING_URI`` and credentials, ``RAYLENS_STUDY_URL``,
+``RAYLENS_STORAGE``)."""
 
 import json
 import os
@@ -37,4 +38,12 @@ def sweep_records(name: str) -> dict:
 
 
 if __name__ == "__main__":
-    print("RECORDS=" + json.dumps({name: sweep_records(name) for name in sys.argv[1:]}))
+    if sys.argv[1] == "--soak":  # the soak's records (tests/faultsoak.py), for its checks
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from faultsoak import records
+
+        print("RECORDS=" + json.dumps({name: records(mlflow.MlflowClient(), optuna.load_study(
+            study_name=name, storage=optuna.storages.RDBStorage(os.environ["RAYLENS_STUDY_URL"])),
+            name) for name in sys.argv[2:]}))
+    else:
+        print("RECORDS=" + json.dumps({name: sweep_records(name) for name in sys.argv[1:]}))
