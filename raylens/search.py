@@ -52,6 +52,7 @@ from raylens.tracking import (
     record_trial,
     resolve_uri,
     start_sweep,
+    trial_recorded,
     trial_run,
     update_front,
 )
@@ -149,13 +150,12 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
     trial_id = ray.tune.get_context().get_trial_id()
     where = paths(sweep)
     out = where.trials / trial_id
-    done = out / "result.json"
-    if done.exists():  # finished, but the crashed driver had not recorded it: report, not rerun
-        result = json.loads(done.read_text())
-        if all(result.get(f"param/{k}") == v for k, v in params.items()):
-            ray.tune.report(result)
-            return
     keep = _kept(sweep, trial_id, params)
+    earlier = _finished_earlier(out, keep, sweep, tracker)
+    if earlier is not None:  # finished before the driver crashed: report, not rerun
+        _drop_checkpoints(where, trial_id)
+        ray.tune.report(earlier)
+        return
     hand_tuned = keep["hand_tuned"]
     run_id = ""
     if tracker:
@@ -204,6 +204,27 @@ def _kept(sweep: SweepConfig, trial_id: str, params: dict) -> dict:
     hand-tuned point, and its flat config."""
     return {"trial_id": trial_id, "hand_tuned": params == base_point(sweep),
             "config": to_flat(replace(sweep.base, params))}
+
+
+def _finished_earlier(out: Path, keep: dict, sweep: SweepConfig,
+                      tracker: Tracker | None) -> dict | None:
+    """The result of a trial that finished before the driver crashed (its ``result.json``, for
+    these settings), or None when it must run. The crash can land between that file and the end
+    of its MLflow record (the trial's process dies with the driver): a run not yet ended is
+    recorded again from the folder, else it would stay RUNNING with half its record."""
+    done = out / "result.json"
+    if not done.exists():
+        return None
+    result = json.loads(done.read_text())
+    if any(result.get(f"param/{k}") != keep["config"][k] for k in sweep.space):
+        return None
+    if tracker:
+        def record() -> None:
+            if not trial_recorded(tracker, keep["trial_id"]):
+                _record_finished(tracker, out, keep, sweep)
+
+        _record_or_keep(record, out, keep)
+    return result
 
 
 def _record_or_keep(record, out: Path, keep: dict) -> None:

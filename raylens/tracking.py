@@ -238,6 +238,12 @@ def trial_run(tracker: Tracker, trial_id: str, config: UnlearnConfig,
         "hand_tuned": str(hand_tuned).lower()})
 
 
+def trial_recorded(tracker: Tracker, trial_id: str) -> bool:
+    """Whether the run of Tune trial ``trial_id`` exists and was ended (its record complete)."""
+    found = _trial_run(tracker, trial_id)
+    return found is not None and found.info.status in ("FINISHED", "FAILED")
+
+
 def _trial_run(tracker: Tracker, trial_id: str):
     """The MLflow run of Tune trial ``trial_id``, or None."""
     return _find_run(tracker.client, tracker.experiment_id,

@@ -72,6 +72,51 @@ def test_a_trial_a_crashed_driver_left_running_is_counted_once_after_its_rerun(r
         assert trial.values == [0.3, 0.9] and trial.state == optuna.trial.TrialState.COMPLETE
 
 
+def test_a_trial_whose_record_a_driver_crash_cut_short_is_recorded_on_the_rerun(tmp_path):
+    """The cluster soak killed the driver 2 s after a trial wrote ``result.json``, while its
+    process was writing the MLflow record: the run kept the status tag but stayed RUNNING, and
+    the rerun only reported the file to Tune. Now the rerun finds the run not ended and records
+    the trial from its folder; a run already ended is left as it is."""
+    from mlflow.tracking import MlflowClient
+
+    from raylens import tracking
+    from raylens.recipes import demo_sweep
+    from raylens.search import _finished_earlier, _kept, objectives
+
+    sweep = demo_sweep(storage=str(tmp_path / "runs"), name="cut", num_trials=2, overrides={
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.artifact_location": str(tmp_path / "artifacts")})
+    tracker = tracking.start_sweep(sweep, None)
+    client = MlflowClient(tracker.uri)
+    params = {"loss.retain_coef": 0.5, "optim.lr": 0.002}
+    keep = _kept(sweep, "t1", params)
+    out = tmp_path / "trials" / "t1"
+    out.mkdir(parents=True)
+    assert _finished_earlier(out, keep, sweep, tracker) is None  # nothing finished: it runs
+    report = {"eval": None, "retain_loss": float("nan"), "forget_loss": float("nan"),
+              "num_steps": 4, "diverged": "diverged: loss nan at step 4"}
+    result = {**objectives(report, sweep), **{f"param/{k}": v for k, v in params.items()}}
+    for name, text in (("result.json", json.dumps(result)), ("config.json", "{}"),
+                       ("train_report.json", json.dumps(report)),
+                       ("history.jsonl", json.dumps({"step": 1, "loss": 1.0}) + "\n")):
+        (out / name).write_text(text)
+    run_id = tracking.trial_run(tracker, "t1", sweep.base)
+    client.set_tag(run_id, "status", "diverged")  # where the crash cut the record
+    other = {**result, "param/optim.lr": 0.001}  # another trial's settings: it runs again
+    (out / "result.json").write_text(json.dumps(other))
+    assert _finished_earlier(out, keep, sweep, tracker) is None
+    (out / "result.json").write_text(json.dumps(result))
+
+    assert _finished_earlier(out, keep, sweep, tracker) == json.loads(json.dumps(result))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "diverged"
+    assert run.data.tags["reason"].startswith("diverged: loss nan at step 4")
+    ended = run.info.end_time
+    _finished_earlier(out, keep, sweep, tracker)  # recorded: not written again
+    assert client.get_run(run_id).info.end_time == ended
+    assert not (out / "mlflow_pending.json").exists()
+
+
 def test_pareto_front_keeps_undominated_feasible_rows_only():
     rows = [{"id": i, "forget_acc": w, "retain_acc": m, "feasible": f} for i, (w, m, f) in enumerate([
         (0.30, 0.90, True), (0.35, 0.95, True), (0.32, 0.89, True),  # 2 dominated by 0

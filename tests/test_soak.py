@@ -29,7 +29,16 @@ import time
 from pathlib import Path
 
 import pytest
-from faultsoak import HF_CANARY, SWEEP_FILE, check, leaks, plan, records, run_with_faults
+from faultsoak import (
+    HF_CANARY,
+    KINDS,
+    SWEEP_FILE,
+    check,
+    leaks,
+    plan,
+    records,
+    run_with_faults,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.any_world]
 
@@ -198,6 +207,7 @@ def test_soak_every_trial_is_accounted_for_once_and_no_secret_leaks(world, capsy
             drivers, start_driver, faults,
             lambda event, drivers: _inject(event, drivers, rng, start_driver, mlflow, pg),
             finished=lambda driver: driver.returncode in (0, 1), log_to=FAULT_LOG)
+        assert {e["kind"] for e in injected} >= set(KINDS), injected  # every kind, once at least
         logs = "\n".join(p.read_text() for p in sorted(root.glob("driver-*.log")))
         assert drivers[-1].returncode in (0, 1), logs[-4000:]
 

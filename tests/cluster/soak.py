@@ -37,7 +37,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the soak's shared parts
 
-from faultsoak import HF_CANARY, SWEEP_FILE, check, leaks, plan, run_with_faults  # noqa: E402
+from faultsoak import (  # noqa: E402
+    HF_CANARY,
+    KINDS,
+    SWEEP_FILE,
+    check,
+    leaks,
+    plan,
+    run_with_faults,
+)
 from rehearse import NODES, USER, WORKERS, Rehearsal, leftovers, log, run  # noqa: E402
 
 from raylens.cluster import read_env_file  # noqa: E402
@@ -88,7 +96,7 @@ class ClusterSoak(Rehearsal):
         log(f"machine prepared and 3 nodes alive in {figures['ray_up_s']} s; the soak starts")
 
         rng = random.Random(seed)
-        faults = plan(rng, span=45.0 * trials)
+        faults = plan(rng, span=25.0 * trials)  # 2 trials at once take about 30 s a trial here
         count = iter(range(100))
 
         def start_driver():
@@ -102,6 +110,7 @@ class ClusterSoak(Rehearsal):
             finished=lambda driver: driver.returncode == 0,
             log_to=self.root / "faults.jsonl")
         figures.update(soak_s=round(took), faults=injected, drivers=len(drivers))
+        assert {e["kind"] for e in injected} >= set(KINDS), injected  # every kind, once at least
         if drivers[-1].returncode != 0:
             raise AssertionError("the sweep did not finish: " + (
                 self.root / f"driver-{len(drivers) - 1}.log").read_text()[-4000:])
