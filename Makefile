@@ -86,8 +86,9 @@ test-slow: install
 	$(VENV)/bin/python -m pytest -q -m slow
 
 # Every benchmark, one after another (never beside tests: two torch processes on 2 cores
-# thrash); each prints ratios measured side by side. The sweep-efficiency table itself is built
-# by `python bench/sweep_efficiency.py --build` (about 40 min) and kept in bench/data/.
+# thrash); each prints ratios measured side by side. bench/sweep_efficiency.py joins them once
+# its table is built (`python bench/sweep_efficiency.py --build`, about 40 min, kept in
+# bench/data/); it has not been yet.
 bench: install
 	$(VENV)/bin/python bench/toyworld_cache.py
 	$(VENV)/bin/python bench/fsdp_memory.py
@@ -95,4 +96,3 @@ bench: install
 	$(VENV)/bin/python bench/eval_speed.py --end-to-end
 	$(VENV)/bin/python bench/step_cost.py
 	$(VENV)/bin/python bench/scaling.py
-	$(VENV)/bin/python bench/sweep_efficiency.py
