@@ -361,7 +361,7 @@ class _ConstrainedOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials:
+        if ot_trial is None:
             return super().on_trial_complete(trial_id, result=result, error=error)
         attrs: dict[str, str | float] = {"tune_trial_id": trial_id}
         if result and "constraint" in result:
@@ -372,9 +372,11 @@ class _ConstrainedOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             return None
         if frozen.state.is_finished():
-            # a trial the crashed driver left running: marked FAIL on resume, rerun by Tune;
-            # its outcome becomes a new Optuna trial with the same settings (a failed rerun too:
-            # else the study would hold it only as the crash's FAIL, and lose it)
+            # FAIL: a trial the crashed driver left running (marked so on resume), or one that
+            # errored and that the resume retried; Tune reran it. Its outcome becomes a new
+            # Optuna trial with the same settings, a failed rerun too (else the study would keep
+            # only the earlier FAIL and lose the outcome): the latest trial of a Tune trial id is
+            # its outcome
             self._completed_trials.add(trial_id)
             if result and all(result.get(m) is not None for m in self.metric):
                 self._ot_study.add_trial(optuna.trial.create_trial(

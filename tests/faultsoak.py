@@ -89,14 +89,19 @@ def run_with_faults(drivers: list, start_driver: Callable, plan: list[tuple[floa
 
 def records(client, study, name: str = SWEEP_NAME) -> dict:
     """What MLflow (``client``) and the Optuna ``study`` hold of sweep ``name``, as plain data
-    (JSON, so a node can print it): one row per MLflow trial run, the Optuna trials that count
-    (finished, less those a killed driver left running), the front MLflow tags, the one
+    (JSON, so a node can print it): one row per MLflow trial run, the Tune trials the study
+    holds an outcome for (their latest finished Optuna trial, less the FAILs a killed driver left:
+    a rerun adds a trial), those whose outcome failed, the front MLflow tags, the one
     recomputed from the surviving trials and Optuna's ``best_trials``."""
     from raylens.pareto import pareto_front
     from raylens.tracking import objectives_of, trial_rows
 
     parent, rows = trial_rows(client, name)
     keys = objectives_of(parent)
+    outcome = {}  # a Tune trial's outcome: its latest finished Optuna trial (a rerun adds one)
+    for t in study.trials:
+        if t.state.is_finished() and t.user_attrs.get("failed_because") != "driver crashed":
+            outcome[t.user_attrs.get("tune_trial_id")] = t
     return {
         "rows": [{"trial_id": r["trial_id"], "status": r["status"],
                   "run_status": client.get_run(r["run_id"]).info.status,
@@ -104,9 +109,8 @@ def records(client, study, name: str = SWEEP_NAME) -> dict:
                   "failure_reason": r["tags"].get("failure_reason", ""),
                   "attack_acc": r["attack_acc"], "resumed_from": r["metrics"].get("resumed_from"),
                   "nodes": r["tags"].get("nodes", "")} for r in rows],
-        "optuna_counted": [t.user_attrs.get("tune_trial_id") for t in study.trials
-                           if t.state.is_finished()
-                           and t.user_attrs.get("failed_because") != "driver crashed"],
+        "optuna_counted": sorted(outcome),
+        "optuna_failed": sorted(k for k, t in outcome.items() if t.state.name == "FAIL"),
         "optuna_driver_crashed": sum(t.user_attrs.get("failed_because") == "driver crashed"
                                      for t in study.trials),
         "tagged_front": sorted(r["trial_id"] for r in rows if r["pareto"]),
@@ -117,14 +121,16 @@ def records(client, study, name: str = SWEEP_NAME) -> dict:
 
 
 def check(found: dict, trials: int, on_disk: set[str] | None = None) -> dict[str, int]:
-    """Assert what ``records`` found: every trial once in MLflow and once in the study, each
-    with a final status and its reason, the attacks recorded where a trial was scored, the
-    three fronts equal and not empty; ``on_disk`` (trial folders) all accounted for. Returns
-    the trials by status."""
+    """Assert what ``records`` found: every trial once in MLflow and with one outcome in the
+    study, the same (failed in both or in neither), each with a final status and its reason,
+    the attacks recorded where a trial was scored, the three fronts equal and not empty;
+    ``on_disk`` (trial folders) all accounted for. Returns the trials by status."""
     rows = found["rows"]
     ids = [r["trial_id"] for r in rows]
     assert len(rows) == trials and len(set(ids)) == trials, ids
-    assert sorted(found["optuna_counted"]) == sorted(ids), (found["optuna_counted"], ids)
+    assert found["optuna_counted"] == sorted(ids), (found["optuna_counted"], ids)
+    failed = sorted(r["trial_id"] for r in rows if r["status"] == "failed")
+    assert found["optuna_failed"] == failed, (found["optuna_failed"], failed)  # same outcome
     if on_disk is not None:
         assert on_disk <= set(ids), on_disk - set(ids)
     statuses: dict[str, int] = {}

@@ -39,12 +39,14 @@ def test_objectives_mark_diverged_and_collapsed_trials_infeasible():
     assert diverged["infeasible"] == "diverged" and diverged["constraint"] == 1.0
 
 
+@pytest.mark.parametrize("first", ["orphaned", "errored"])
 @pytest.mark.parametrize("rerun", ["failed", "scored"])
-def test_a_trial_a_crashed_driver_left_running_is_counted_once_after_its_rerun(rerun, tmp_path):
+def test_a_trial_rerun_after_a_crash_has_its_outcome_in_the_study(first, rerun, tmp_path):
     """A killed driver leaves its running trials RUNNING in the study; the resume marks them
-    FAIL ("driver crashed") and Tune reruns them. The rerun's outcome must reach the study as a
-    trial of its own, a failed one too (the cluster soak found one that only the crash's FAIL
-    stood for): the study then counts every Tune trial once, as MLflow does."""
+    FAIL ("driver crashed"), and Tune reruns them and also retries trials that errored before
+    the crash (told FAIL then). The rerun's outcome must reach the study as a trial of its own:
+    the cluster soak found a failed rerun that only the crash's FAIL stood for, and the local
+    soak a retried trial that scored on the front in MLflow but stayed FAIL in the study."""
     import optuna
 
     from raylens.recipes import demo_sweep
@@ -54,17 +56,18 @@ def test_a_trial_a_crashed_driver_left_running_is_counted_once_after_its_rerun(r
     sweep = demo_sweep(storage=str(tmp_path), name="orphans", num_trials=2)
     searcher = _searcher(sweep, url)
     params = searcher.suggest("t1")
-    assert fail_orphaned_trials(url, "orphans") == 1  # the resume after the crash
+    if first == "errored":  # a worker killed: Tune reports the error, Optuna is told FAIL
+        searcher.on_trial_complete("t1", result=None, error=True)
+    assert fail_orphaned_trials(url, "orphans") == (first == "orphaned")  # the resume
     if rerun == "failed":  # e.g. its evaluation ran out of time
         searcher.on_trial_complete("t1", result=None, error=True)
     else:
         searcher.on_trial_complete("t1", result={"wmdp": 0.3, "mmlu": 0.9, "constraint": -0.3,
                                                  "infeasible": ""})
     study = optuna.load_study(study_name="orphans", storage=url)
-    counted = [t for t in study.trials if t.state.is_finished()
-               and t.user_attrs.get("failed_because") != "driver crashed"]
-    assert [t.user_attrs["tune_trial_id"] for t in counted] == ["t1"]
-    (trial,) = counted
+    assert len(study.trials) == 2  # the first attempt and the rerun's outcome
+    trial = study.trials[-1]
+    assert trial.user_attrs["tune_trial_id"] == "t1"
     assert trial.params == params
     if rerun == "failed":
         assert trial.state == optuna.trial.TrialState.FAIL
