@@ -42,22 +42,9 @@ from fsdp_memory import write_model  # bench/: the random 160M GPT-NeoX with a l
 
 import raylens  # noqa: F401
 from raylens import toyworld as tw
-from raylens.losses import (
-    batch_targets,
-    causal_lm_token_loss,
-    example_targets,
-    forget_token_loss,
-    lens_vocab,
-    retain_l2_token_loss,
-)
+from raylens.losses import causal_lm_token_loss, forget_token_loss, retain_l2_token_loss
 from raylens.recipes import recipe
-from raylens.train import micro_batches, optimizer_step, setup, train_step
-
-
-def _targets(run, examples, width):
-    return batch_targets([example_targets(run.config.seed, 0, i, len(run.layers),
-                                          len(run.data.forget[i]), lens_vocab(run.lens))
-                          for i in examples], width)
+from raylens.train import forget_targets, micro_batches, optimizer_step, setup, train_step
 
 
 def variants(run) -> dict:
@@ -65,7 +52,7 @@ def variants(run) -> dict:
     _, batches, indices = micro_batches(run, 0)
     assert len(batches) == 1, "one micro-batch per step: the parts are timed on it"
     (forget, retain), examples = batches[0], indices[0]
-    targets = _targets(run, examples, forget.input_ids.shape[1])
+    targets = forget_targets(run, 0, examples, forget.input_ids.shape[1])
     layers, params = run.layers, run.params
 
     def body(batch):

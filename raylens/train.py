@@ -224,9 +224,18 @@ def micro_batches(run: Run, step: int) -> tuple[int, list, list]:
     return epoch, batches, micro_indices
 
 
+def forget_targets(run: Run, epoch: int, examples: list[int], width: int) -> torch.Tensor:
+    """The forget loss's random targets ``[layers, batch, width]`` for forget ``examples`` in
+    ``epoch`` (keyed on the example: see ``losses.example_targets``)."""
+    vocab = lens_vocab(run.lens)
+    return batch_targets([example_targets(run.config.seed, epoch, idx, len(run.layers),
+                                          len(run.data.forget[idx]), vocab) for idx in examples],
+                         width)
+
+
 def train_step(run: Run, step: int) -> dict:
     """One optimizer step (accumulation, clipping, optimizers, schedules); its record."""
-    config, plan, loss_cfg = run.config, run.plan, run.config.loss
+    plan, loss_cfg = run.plan, run.config.loss
     start = time.perf_counter()
     epoch, batches, micro_indices = micro_batches(run, step)
     num_forget, num_retain = all_reduce_sum([
@@ -235,14 +244,9 @@ def train_step(run: Run, step: int) -> dict:
     c_r, c_f = loss_weights(step, run.total_steps, retain_coef=loss_cfg.retain_coef,
                             remove_coef=loss_cfg.remove_coef, retain_start=loss_cfg.retain_start,
                             ramp_fraction=loss_cfg.ramp_fraction)
-    vocab = lens_vocab(run.lens)
     forget_sum = retain_sum = 0.0
     for k, ((forget, retain), examples) in enumerate(zip(batches, micro_indices)):
-        targets = batch_targets(
-            [example_targets(config.seed, epoch, idx, len(run.layers), len(run.data.forget[idx]),
-                             vocab) for idx in examples],
-            forget.input_ids.shape[1],
-        )
+        targets = forget_targets(run, epoch, examples, forget.input_ids.shape[1])
         with plan.micro_batch(run.model, run.forward, last=k == len(batches) - 1):
             l_forget, l_retain = loss_step(run, forget, retain, targets, num_forget, num_retain)
             (plan.grad_scale * (c_r * l_retain + c_f * l_forget)).backward()

@@ -573,23 +573,32 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the folder (logs) afterwards")
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
+    cache = Path(args.rehearsal_cache) if args.rehearsal_cache else None
+    return on_fresh_machine(Rehearsal, "cluster rehearsal", lambda r: r.rehearse(cache),
+                            keep=args.keep, json_out=args.json)
+
+
+def on_fresh_machine(kind, what: str, body, *, keep: bool, json_out: str | None) -> int:
+    """Build a ``kind`` (``Rehearsal`` or a subclass) in a new folder, after removing the
+    namespaces a killed earlier run left; ``body(machine)`` returns its figures, printed (and
+    written to ``json_out``); the machine is removed afterwards, also after a failure."""
     for name in leftovers():
         run(["ip", "netns", "del", name], check=False)
     root = Path(tempfile.mkdtemp(prefix="raylens-cluster-", dir="/var/tmp"))
     os.chmod(root, 0o755)
-    rehearsal = Rehearsal(root, keep=args.keep)
+    machine = kind(root, keep=keep)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        figures = rehearsal.rehearse(Path(args.rehearsal_cache) if args.rehearsal_cache else None)
+        figures = body(machine)
     except BaseException:
-        log(f"rehearsal FAILED; logs in {root}" + ("" if args.keep else " (removed: --keep)"))
+        log(f"{what} FAILED; logs in {root}" + ("" if keep else " (removed: --keep)"))
         raise
     finally:
-        rehearsal.cleanup()
+        machine.cleanup()
     print(json.dumps(figures, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1))
-    log("cluster rehearsal passed")
+    if json_out:
+        Path(json_out).write_text(json.dumps(figures, indent=1))
+    log(f"{what} passed")
     return 0
 
 

@@ -31,7 +31,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from faultsoak import (  # noqa: E402
     plan,
     run_with_faults,
 )
-from rehearse import NODES, USER, WORKERS, Rehearsal, leftovers, log, run  # noqa: E402
+from rehearse import NODES, USER, WORKERS, Rehearsal, log, on_fresh_machine, run  # noqa: E402
 
 from raylens.cluster import read_env_file  # noqa: E402
 
@@ -186,24 +185,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the folder (logs) afterwards")
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
-    for name in leftovers():
-        run(["ip", "netns", "del", name], check=False)
-    root = Path(tempfile.mkdtemp(prefix="raylens-cluster-soak-", dir="/var/tmp"))
-    os.chmod(root, 0o755)
-    soak = ClusterSoak(root, keep=args.keep)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        figures = soak.soak(args.trials, args.seed)
-    except BaseException:
-        log(f"cluster soak FAILED; logs in {root}" + ("" if args.keep else " (removed: --keep)"))
-        raise
-    finally:
-        soak.cleanup()
-    print(json.dumps(figures, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1))
-    log("cluster soak passed")
-    return 0
+    return on_fresh_machine(ClusterSoak, "cluster soak", lambda m: m.soak(args.trials, args.seed),
+                            keep=args.keep, json_out=args.json)
 
 
 if __name__ == "__main__":
