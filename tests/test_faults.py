@@ -187,8 +187,11 @@ def test_an_mlflow_server_that_does_not_answer_is_an_error_before_any_trial():
 
 
 def _frozen_eval(rank, world, root, flags):
-    """Score once unlimited (the time it takes), then with a limit of twice that while the
-    parent freezes rank 1 (SIGSTOP) for longer than the limit."""
+    """Score once unlimited (the time it takes), then the questions repeated to last at least
+    3 s, with a limit of twice that, while the parent freezes rank 1 (SIGSTOP) for longer than
+    the limit. The repetition makes the freeze land inside the timed evaluation: one pass over
+    the toy world's questions can end before the parent's signal (0.2 s on CI)."""
+    import math
     import time
 
     import torch.distributed as dist
@@ -204,12 +207,15 @@ def _frozen_eval(rank, world, root, flags):
     evaluate_live(model, tokenizer, EvalConfig(batch_size=4), root, questions=questions)
     from raylens.collectives import all_gather
 
-    limit = max(2.0, 2 * max(all_gather(time.monotonic() - start)))  # one limit for both
+    once = max(all_gather(time.monotonic() - start))  # one figure, so one limit, for both
+    reps = math.ceil(3.0 / once)
+    timed = {task: qs * reps for task, qs in questions.items()}
+    limit = 2 * reps * once
     Path(flags, f"rank{rank}").write_text(json.dumps({"pid": os.getpid(), "limit": limit}))
     start = time.monotonic()
     try:
         evaluate_live(model, tokenizer, EvalConfig(batch_size=4, time_limit_s=limit), root,
-                      questions=questions)
+                      questions=timed)
         return ("scored", time.monotonic() - start, limit)
     except EvalError as exc:
         return (str(exc), time.monotonic() - start, limit)
