@@ -96,3 +96,4 @@ bench: install
 	$(VENV)/bin/python bench/eval_speed.py --end-to-end
 	$(VENV)/bin/python bench/step_cost.py
 	$(VENV)/bin/python bench/scaling.py
+	$(VENV)/bin/python bench/sweep_efficiency.py

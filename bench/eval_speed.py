@@ -7,7 +7,9 @@ Part 2, end to end (``--end-to-end``): the whole in-trial evaluation (``evaluate
 live model, loading and encoding the questions included, as a trial's first evaluation does)
 against the seed's path: export the model, load it back from the folder, run lm-eval on it. Both
 must give the same prediction on every question. Each side is timed ``--repeats`` times in turn;
-the median ratio is printed with its spread (min-max).
+the median ratio is printed with its spread (min-max). ``forward_s`` is the scoring alone (the
+questions already encoded: the model's forward passes and nothing else a trial could skip), and
+``bound`` the seed's path over it: the most any in-trial evaluation could gain on this machine.
 
 Models: the toy world's main model, and a random-weight GPT-NeoX shaped like Pythia-70M (512
 wide, 6 layers, 50,304-token unembedding) with the toy tokenizer. Questions: the toy tasks
@@ -74,9 +76,10 @@ def in_trial(model, tokenizer, tasks, world) -> dict:
 def end_to_end(models: dict, tokenizer, world, repeats: int) -> None:
     """Part 2: the in-trial evaluation against the seed's export-reload-lm-eval path."""
     tasks = ("toy_wmdp", "toy_mmlu")
-    print("model      questions in-trial_s seed-path_s  ratio [min, max]  agreement")
+    print("model      questions in-trial_s seed-path_s  ratio [min, max]  agreement  "
+          "forward_s  bound")
     for name, model in models.items():
-        times: dict[str, list[float]] = {"ours": [], "seed": []}
+        times: dict[str, list[float]] = {"ours": [], "seed": [], "forward": []}
         for r in range(repeats):
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
@@ -85,11 +88,18 @@ def end_to_end(models: dict, tokenizer, world, repeats: int) -> None:
             start = time.perf_counter()
             ours = in_trial(model, tokenizer, tasks, world)
             times["ours"].append(time.perf_counter() - start)
+            questions = next(iter(_QUESTIONS.values()))  # encoded by in_trial
+            start = time.perf_counter()
+            for task in tasks:
+                choice_logliks(model, questions[task], batch_size=EvalConfig().batch_size)
+            times["forward"].append(time.perf_counter() - start)
         ratios = [s / o for s, o in zip(times["seed"], times["ours"])]
+        bounds = [s / f for s, f in zip(times["seed"], times["forward"])]
         agree = sum(ours[k] == theirs.get(k) for k in ours)
         print(f"{name:10s} {len(ours):9d} {statistics.median(times['ours']):10.2f} "
               f"{statistics.median(times['seed']):11.2f} {statistics.median(ratios):5.1f}x "
-              f"[{min(ratios):.1f}, {max(ratios):.1f}]  {agree}/{len(ours)}")
+              f"[{min(ratios):.1f}, {max(ratios):.1f}]  {agree}/{len(ours)}  "
+              f"{statistics.median(times['forward']):9.2f}  {statistics.median(bounds):4.1f}x")
 
 
 def main() -> None:

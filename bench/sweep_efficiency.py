@@ -5,21 +5,23 @@ The surface: ``raylens demo``'s sweep (the ``sft_adamw`` recipe as hand-tuned, 1
 64 steps; searched: ``loss.retain_coef`` on a log scale from 0.003 to 10 and ``optim.lr`` from
 3e-5 to 1e-2; toy_wmdp minimised, toy_mmlu maximised, toy_mmlu below 0.6 infeasible) measured
 once on a dense grid of both settings, each point one real training run with its in-trial
-evaluation (``--build``, about 50 s a point on 2 cores). The table, with the commit, date and
+evaluation (``--build``, about 26 s a point on 2 cores). The table, with the commit, date and
 settings that made it, is ``bench/data/toy_surface.json``. Between grid points the two
 accuracies are interpolated linearly in the log-scaled settings (scipy's
 ``RegularGridInterpolator``), so a sampler's continuous suggestions get a value.
 
-The comparison: each sampler (multi-objective TPE, NSGA-II with raylens's population, the GP
-sampler, random search) runs ``--trials`` trials against the table for each of ``--seeds``
+The comparison: each sampler (the GP sampler, multi-objective TPE, NSGA-II, random search),
+built by ``raylens.search.make_sampler`` as a sweep of ``--budget`` trials builds it (its random
+start, NSGA-II's population), runs ``--trials`` trials against the table for each of ``--seeds``
 seeds, the hand-tuned point first as in every raylens sweep, the retain floor told as a
 constraint. Reported: the hypervolume of the feasible front after n trials (reference point:
 toy_wmdp 1.0, toy_mmlu 0.6; Optuna's own hypervolume code) as the median and quartiles over the
 seeds, and how many trials each sampler needs for its median to reach random search's median
 after 48.
 
-    python bench/sweep_efficiency.py --build [--grid 7]   # the table (about 40 min)
-    python bench/sweep_efficiency.py [--seeds 20]          # the comparison (minutes)
+    python bench/sweep_efficiency.py --build [--grid 7]   # the table (about 22 min)
+    python bench/sweep_efficiency.py [--seeds 20] [--budget 16]   # the comparison (5 min)
+    python bench/sweep_efficiency.py --live gp tpe [--seed 0]      # live demo sweeps
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import math
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -105,14 +108,12 @@ class Surface:
         return float(self.value["wmdp"](x)[0]), float(self.value["mmlu"](x)[0])
 
 
-def samplers(seed: int, trials: int) -> dict:
-    """The samplers compared, seeded; NSGA-II with the population raylens gives it."""
-    import optuna
+def samplers(seed: int, budget: int) -> dict:
+    """The samplers compared, seeded, built as a raylens sweep of ``budget`` trials builds them
+    (random start, NSGA-II's population)."""
+    from raylens.search import make_sampler
 
-    return {"tpe": optuna.samplers.TPESampler(seed=seed),
-            "nsga2": optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, trials // 3)),
-            "gp": optuna.samplers.GPSampler(seed=seed),
-            "random": optuna.samplers.RandomSampler(seed=seed)}
+    return {name: make_sampler(name, seed, budget) for name in ("gp", "tpe", "nsga2", "random")}
 
 
 def hypervolumes(surface: Surface, sampler, trials: int) -> list[float]:
@@ -138,8 +139,9 @@ def hypervolumes(surface: Surface, sampler, trials: int) -> list[float]:
     return out
 
 
-def compare(seeds: int, trials: int) -> dict:
-    """Every sampler over ``seeds`` seeds; prints the table and returns the figures."""
+def compare(seeds: int, trials: int, budget: int) -> dict:
+    """Every sampler, as a ``budget``-trial sweep builds it, for ``trials`` trials over ``seeds``
+    seeds; prints the table and returns the figures."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -149,25 +151,67 @@ def compare(seeds: int, trials: int) -> dict:
     surface = Surface(table)
     curves: dict[str, list[list[float]]] = {}
     for seed in range(seeds):
-        for name, sampler in samplers(seed, trials).items():
+        for name, sampler in samplers(seed, budget).items():
             curves.setdefault(name, []).append(hypervolumes(surface, sampler, trials))
     marks = [n for n in (4, 8, 12, 16, 24, 32, 48) if n <= trials]
     median = {name: [statistics.median(c[n - 1] for c in runs) for n in range(1, trials + 1)]
               for name, runs in curves.items()}
     target = median["random"][min(48, trials) - 1]
     print(f"table {TABLE.name}: {len(table['points'])} points at {table['commit']} "
-          f"({table['date']}); {seeds} seeds x {trials} trials per sampler")
+          f"({table['date']}); {seeds} seeds x {trials} trials per sampler, each built as a "
+          f"{budget}-trial sweep builds it")
     print("hypervolume, median [25th, 75th percentile] over seeds, after n trials")
-    print("sampler " + "".join(f"{f'n={n}':>22s}" for n in marks) + "   trials to random@48")
-    figures: dict = {"target": target, "samplers": {}}
+    print("sampler " + "".join(f"{f'n={n}':>24s}" for n in marks) + "   trials to random@48")
+    figures: dict = {"target": target, "budget": budget, "seeds": seeds, "samplers": {}}
     for name, runs in curves.items():
         cells = []
         for n in marks:
             q = np.percentile([c[n - 1] for c in runs], [25, 50, 75])
             cells.append(f"{q[1]:.4f} [{q[0]:.4f}, {q[2]:.4f}]")
         reach = next((n for n in range(1, trials + 1) if median[name][n - 1] >= target), None)
-        print(f"{name:7s} " + "".join(f"{c:>22s}" for c in cells) + f"   {reach}")
-        figures["samplers"][name] = {"median": median[name], "trials_to_target": reach}
+        print(f"{name:7s} " + "".join(f"{c:>24s}" for c in cells) + f"   {reach}")
+        figures["samplers"][name] = {"median": median[name], "trials_to_target": reach,
+                                     "quartiles": {n: np.percentile([c[n - 1] for c in runs],
+                                                                    [25, 75]).tolist()
+                                                   for n in marks}}
+    return figures
+
+
+def live(names: list[str], trials: int, seed: int) -> dict:
+    """Run ``raylens demo`` once per sampler (``trials`` trials, sampler seed ``seed``), each in
+    its own storage, and print each sweep's hypervolume after n trials, read from its Optuna
+    study in the order the trials were suggested."""
+    import optuna
+    from optuna._hypervolume import compute_hypervolume
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    reference = np.array([REFERENCE[0], -REFERENCE[1]])
+    marks = [n for n in (4, 8, 12, 16, 24, 32, 48) if n <= trials]
+    figures = {}
+    with tempfile.TemporaryDirectory() as storage:
+        for name in names:
+            sweep = f"live-{name}-s{seed}"
+            start = time.monotonic()
+            subprocess.run([sys.executable, "-m", "raylens.cli", "demo", "--name", sweep,
+                            "--storage", storage,
+                            "--trials", str(trials), "--set", f"sweep.sampler={name}",
+                            "--set", f"sweep.seed={seed}"], check=False, cwd=storage,
+                           stdout=subprocess.DEVNULL)  # its MLflow files in the storage too
+            seconds = time.monotonic() - start
+            study = optuna.load_study(study_name=sweep,
+                                      storage=f"sqlite:///{storage}/{sweep}/optuna.db")
+            found, curve = [], []
+            for trial in sorted(study.trials, key=lambda t: t.number):
+                feasible = all(v <= 0 for v in trial.constraints.values())
+                if trial.state == optuna.trial.TrialState.COMPLETE and feasible \
+                        and trial.values[0] < REFERENCE[0]:
+                    found.append((trial.values[0], -trial.values[1]))
+                curve.append(float(compute_hypervolume(np.array(found), reference))
+                             if found else 0.0)
+            figures[name] = {"curve": curve, "seconds": round(seconds)}
+            print(f"live {name:7s} seed {seed}: " + "  ".join(
+                f"n={n} {curve[n - 1]:.4f}" for n in marks if n <= len(curve))
+                + f"  ({len(curve)} trials, {seconds:.0f} s)", flush=True)
     return figures
 
 
@@ -178,12 +222,21 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=7)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--trials", type=int, default=48)
+    parser.add_argument("--budget", type=int, default=16,
+                        help="the sweep budget the samplers are built for (default 16)")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--live", nargs="+", default=None, metavar="SAMPLER",
+                        help="instead, run the demo sweep with each of these samplers "
+                             "(--budget trials, --seed) and print its hypervolume after n trials")
+    parser.add_argument("--seed", type=int, default=0, help="the sampler seed of --live")
     args = parser.parse_args()
     if args.build:
         build(args.grid)
         return
-    figures = compare(args.seeds, args.trials)
+    if args.live:
+        figures = live(args.live, args.budget, args.seed)
+    else:
+        figures = compare(args.seeds, args.trials, args.budget)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
 

@@ -807,8 +807,10 @@ class SweepConfig(_Checked):
     retain_floor: float = _f(0.0, _check_fraction)
     """A trial whose retain accuracy falls below this is ``collapsed``: recorded, never on the
     Pareto front (a model answering at chance has the lowest forget accuracy)."""
-    sampler: Literal["tpe", "nsga2"] = "tpe"
-    """Optuna sampler: ``tpe`` (multi-objective TPE) or ``nsga2``."""
+    sampler: Literal["gp", "tpe", "nsga2", "random"] = "gp"
+    """Optuna sampler: ``gp`` (Gaussian process, the default: it finds the front in the fewest
+    trials of the four, ``bench/sweep_efficiency.py``), ``tpe`` (multi-objective TPE),
+    ``nsga2`` or ``random``."""
     seed: int = 0
     """Seed of the sampler."""
     evaluate_base_first: bool = True

@@ -312,38 +312,36 @@ def _encode_question(name, leaf, doc_id, instances, task, tokenizer, max_length)
     return Question(name, leaf, doc_id, ctx_enc, tuple(c for _, c in choices), int(gold))
 
 
-def _pack(question: Question) -> tuple[list[int], list[int], list[list[int]]]:
+def _pack(question: Question) -> tuple[list[int], list[int], list[int], list[list[int]]]:
     """One sequence per question: the context, then each choice without its last token.
-    Returns ``(tokens, positions, score_at)``: ``score_at[j]`` are the sequence indices whose
-    next-token logits score choice ``j``'s tokens."""
+    Returns ``(tokens, positions, segments, score_at)``: ``segments`` is 0 on the context and
+    ``j + 1`` on choice ``j``; ``score_at[j]`` are the sequence indices whose next-token logits
+    score choice ``j``'s tokens."""
     ctx = list(question.context)
-    tokens, positions = list(ctx), list(range(len(ctx)))
+    tokens, positions, segments = list(ctx), list(range(len(ctx))), [0] * len(ctx)
     score_at = []
-    for choice in question.choices:
+    for j, choice in enumerate(question.choices):
         start = len(tokens)
         inner = list(choice[:-1])
         tokens += inner
         positions += list(range(len(ctx), len(ctx) + len(inner)))
+        segments += [j + 1] * len(inner)
         score_at.append([len(ctx) - 1] + list(range(start, start + len(inner))))
-    return tokens, positions, score_at
+    return tokens, positions, segments, score_at
 
 
-def _allowed(question: Question, length: int) -> torch.Tensor:
-    """Which positions each position of one packed question may attend to, padded to
-    ``length``: the context is causal, each choice sees the context and its own earlier tokens,
-    padding sees itself (a row with nothing allowed would give NaN)."""
-    n = len(question.context)
-    allowed = torch.zeros(length, length, dtype=torch.bool)
-    allowed[:n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
-    start = n
-    for choice in question.choices:
-        m = len(choice) - 1
-        allowed[start:start + m, :n] = True
-        allowed[start:start + m, start:start + m] = torch.ones(m, m, dtype=torch.bool).tril()
-        start += m
-    idx = torch.arange(start, length)
-    allowed[idx, idx] = True
-    return allowed
+def _block_mask(segments: torch.Tensor) -> torch.Tensor:
+    """``[batch, 1, L, L]``: which positions each position of a packed question may attend to,
+    from its ``_pack`` segments (-1 on padding): the context is causal, each choice sees the
+    context and its own earlier tokens, padding sees itself (a row with nothing allowed would
+    give NaN). Built for the whole batch at once: a mask per question cost as much as the toy
+    model's forward."""
+    idx = torch.arange(segments.shape[1])
+    causal = idx[None, :] <= idx[:, None]
+    row, col = segments[:, :, None], segments[:, None, :]
+    real = row >= 0
+    allowed = causal & ((col == 0) | (col == row)) & real
+    return (allowed | (~real & torch.eye(len(idx), dtype=torch.bool)))[:, None]
 
 
 def _backbone(model):
@@ -396,13 +394,15 @@ def choice_logliks(model, questions: list[Question], *, batch_size: int = 32,
 
 
 def _score_batch(body, unembed, root, questions, packed, device) -> list[list[float]]:
-    length = max(len(tokens) for tokens, _, _ in packed)
+    length = max(len(tokens) for tokens, _, _, _ in packed)
     ids = torch.zeros(len(packed), length, dtype=torch.long)
     pos = torch.zeros(len(packed), length, dtype=torch.long)
-    for r, (tokens, positions, _) in enumerate(packed):
+    seg = torch.full((len(packed), length), -1, dtype=torch.long)
+    for r, (tokens, positions, segments, _) in enumerate(packed):
         ids[r, :len(tokens)] = torch.tensor(tokens)
         pos[r, :len(positions)] = torch.tensor(positions)
-    mask = torch.stack([_allowed(q, length) for q in questions])[:, None]
+        seg[r, :len(segments)] = torch.tensor(segments)
+    mask = _block_mask(seg)
     if getattr(body.config, "_attn_implementation", "sdpa") == "eager":  # additive float mask
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     if root is not None:
@@ -411,7 +411,7 @@ def _score_batch(body, unembed, root, questions, packed, device) -> list[list[fl
         hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device),
                       position_ids=pos.to(device)).last_hidden_state
         rows, cols, targets, owners = [], [], [], []
-        for r, (q, (_, _, score_at)) in enumerate(zip(questions, packed)):
+        for r, (q, (_, _, _, score_at)) in enumerate(zip(questions, packed)):
             for j, (choice, at) in enumerate(zip(q.choices, score_at)):
                 rows += [r] * len(at)
                 cols += at

@@ -9,7 +9,10 @@ import torch
 from raylens import toyworld as tw
 from raylens.evaluate import (
     EvalError,
+    Question,
+    _block_mask,
     _leaf_tasks,
+    _pack,
     accuracy,
     choice_logliks,
     hf_lm,
@@ -245,3 +248,25 @@ def test_scorer_encodes_like_lm_eval_for_a_tokenizer_that_prepends_bos(world):
             ctx_enc, cont_enc = lm._encode_pair(context, " " + cont)
             assert (tuple(ctx_enc), tuple(cont_enc)) == (q.context, choice)
         assert q.context[0] == tokenizer.eos_token_id
+
+
+def test_a_packed_question_attends_to_its_context_and_its_own_choice_only():
+    """Context of 3 tokens, choices of 2 and 3 tokens (1 and 2 packed), 2 padding positions:
+    the mask built for the batch is the block-causal one written out by hand."""
+    question = Question("t", "t", 0, (5, 6, 7), ((8, 9), (10, 11, 12)), 0)
+    tokens, positions, segments, score_at = _pack(question)
+    assert (tokens, positions, segments) == ([5, 6, 7, 8, 10, 11], [0, 1, 2, 3, 3, 4],
+                                             [0, 0, 0, 1, 2, 2])
+    assert score_at == [[2, 3], [2, 4, 5]]
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0, 0, 0, 0],
+                             [1, 1, 1, 0, 0, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0, 0, 0],   # choice 0: context + itself
+                             [1, 1, 1, 0, 1, 0, 0, 0],   # choice 1 does not see choice 0
+                             [1, 1, 1, 0, 1, 1, 0, 0],
+                             [0, 0, 0, 0, 0, 0, 1, 0],   # padding sees itself only
+                             [0, 0, 0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    mask = _block_mask(torch.tensor([segments + [-1, -1], [0] * 8]))
+    assert mask.shape == (2, 1, 8, 8)
+    assert torch.equal(mask[0, 0], expected)
+    assert torch.equal(mask[1, 0], torch.ones(8, 8, dtype=torch.bool).tril())
