@@ -270,3 +270,28 @@ def test_a_packed_question_attends_to_its_context_and_its_own_choice_only():
     assert mask.shape == (2, 1, 8, 8)
     assert torch.equal(mask[0, 0], expected)
     assert torch.equal(mask[1, 0], torch.ones(8, 8, dtype=torch.bool).tril())
+
+
+def test_lm_eval_compiles_each_prompt_template_once_and_renders_the_same_text(world):
+    """lm-eval compiles a task's Jinja template for every document; raylens's task manager makes
+    it compile each once. Loading the toy tasks' 384 questions then compiles a handful of
+    templates, and a template renders what a fresh compile renders."""
+    from jinja2 import Environment, StrictUndefined
+    from lm_eval import utils
+    from transformers import AutoTokenizer
+
+    from raylens.evaluate import task_manager
+
+    task_manager(("toy_wmdp",), world.root)
+    tokenizer = AutoTokenizer.from_pretrained(world.model)
+    before = utils.apply_template.cache_info()
+    questions = load_questions(("toy_wmdp", "toy_mmlu"), tokenizer, toyworld=world.root)
+    after = utils.apply_template.cache_info()
+    rendered = sum(len(qs) for qs in questions.values())
+    assert rendered == 384
+    assert after.misses - before.misses <= 10  # templates compiled
+    assert after.hits - before.hits >= 2 * rendered  # renders that reused a compiled one
+    template, doc = "Q: {{question}}\n{{ choices | join(', ') }}", {"question": "x?",
+                                                                   "choices": ["a", "b"]}
+    fresh = Environment(undefined=StrictUndefined, keep_trailing_newline=True)
+    assert utils.apply_template(template, doc) == fresh.from_string(template).render(**doc)
