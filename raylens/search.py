@@ -8,11 +8,11 @@ default; TPE, NSGA-II or random) reads them through ``OptunaSearch``; its study 
 (sqlite beside the sweep by default) so the Pareto front survives the driver. Diverged
 (non-finite loss or accuracy) and collapsed (retain accuracy below the sweep's floor) trials are
 recorded with the reason and carry a violated Optuna constraint, so they never count as Pareto
-points. Rerunning a sweep with the same name restores
-Tune's experiment: finished trials are kept, trials the crash left running in Optuna are marked
-failed, and the remaining budget runs. With ``attack_suite`` the trial's workers attack its
-export after scoring it (``raylens.attack``); the suite's worst post-attack forget accuracy
-(``attack_wmdp``) is recorded, or searched ``instead`` of or ``beside`` ``wmdp``.
+points. Rerunning a sweep with the same name restores Tune's experiment: finished trials are
+kept, trials the crash left running in Optuna are marked failed, and the remaining budget runs.
+With ``attack_suite`` the trial's workers attack its export after scoring it
+(``raylens.attack``); the suite's worst post-attack forget accuracy (``attack_wmdp``) is
+recorded, or searched ``instead`` of or ``beside`` ``wmdp``.
 """
 
 from __future__ import annotations
@@ -347,8 +347,8 @@ def make_sampler(name: str, seed: int, num_trials: int):
     retain-floor constraint from the trials (``Trial.set_constraint``). The model-based samplers
     start from a quarter of the budget in random trials (4 to Optuna's 10): on the toy surface a
     16-trial sweep's GP reaches random search's 48-trial hypervolume in 8 trials, against 11
-    with 10 (docs/results.md). NSGA-II's population is a third of the budget (at least 4), so a small
-    sweep sees a few generations."""
+    with 10 (docs/results.md). NSGA-II's population is a third of the budget (at least 4), so
+    a small sweep sees a few generations."""
     startup = min(10, max(4, num_trials // 4))
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
