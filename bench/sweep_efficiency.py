@@ -43,6 +43,8 @@ SPACE = {"loss.retain_coef": (0.003, 10.0), "optim.lr": (3e-5, 1e-2)}
 """The demo sweep's space (``raylens.recipes.demo_sweep``), both on log scales."""
 REFERENCE = (1.0, 0.6)
 """Hypervolume reference point: toy_wmdp 1.0 (nothing unlearned), toy_mmlu 0.6 (the floor)."""
+MARKS = (4, 8, 12, 16, 24, 32, 48)
+"""The trial counts the tables print."""
 
 
 def build(grid: int) -> None:
@@ -116,27 +118,38 @@ def samplers(seed: int, budget: int) -> dict:
     return {name: make_sampler(name, seed, budget) for name in ("gp", "tpe", "nsga2", "random")}
 
 
-def hypervolumes(surface: Surface, sampler, trials: int) -> list[float]:
-    """The feasible front's hypervolume after each of ``trials`` trials of ``sampler``."""
-    import optuna
+def volume_curve(outcomes) -> list[float]:
+    """The feasible front's hypervolume after each ``(wmdp, mmlu, feasible)`` outcome in turn
+    (Optuna's hypervolume code); an infeasible outcome adds nothing."""
     from optuna._hypervolume import compute_hypervolume
 
-    study = optuna.create_study(directions=["minimize", "maximize"], sampler=sampler)
-    study.enqueue_trial(surface.base)  # the hand-tuned point, as every raylens sweep starts
     reference = np.array([REFERENCE[0], -REFERENCE[1]])
     found: list[tuple[float, float]] = []
     out = []
-    for _ in range(trials):
-        trial = study.ask({k: optuna.distributions.FloatDistribution(lo, hi, log=True)
-                           for k, (lo, hi) in SPACE.items()})
-        wmdp, mmlu = surface(trial.params["loss.retain_coef"], trial.params["optim.lr"])
-        trial.set_constraint("retain_floor", surface.floor - mmlu)
-        study.tell(trial, [wmdp, mmlu])
-        if mmlu >= surface.floor and wmdp < REFERENCE[0]:
+    for wmdp, mmlu, feasible in outcomes:
+        if feasible and wmdp < REFERENCE[0]:
             found.append((wmdp, -mmlu))
-        out.append(float(compute_hypervolume(np.array(found), reference))
-                   if found else 0.0)
+        out.append(float(compute_hypervolume(np.array(found), reference)) if found else 0.0)
     return out
+
+
+def hypervolumes(surface: Surface, sampler, trials: int) -> list[float]:
+    """The feasible front's hypervolume after each of ``trials`` trials of ``sampler``."""
+    import optuna
+
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=sampler)
+    study.enqueue_trial(surface.base)  # the hand-tuned point, as every raylens sweep starts
+
+    def outcomes():
+        for _ in range(trials):
+            trial = study.ask({k: optuna.distributions.FloatDistribution(lo, hi, log=True)
+                               for k, (lo, hi) in SPACE.items()})
+            wmdp, mmlu = surface(trial.params["loss.retain_coef"], trial.params["optim.lr"])
+            trial.set_constraint("retain_floor", surface.floor - mmlu)
+            study.tell(trial, [wmdp, mmlu])
+            yield wmdp, mmlu, mmlu >= surface.floor
+
+    return volume_curve(outcomes())
 
 
 def compare(seeds: int, trials: int, budget: int) -> dict:
@@ -153,7 +166,7 @@ def compare(seeds: int, trials: int, budget: int) -> dict:
     for seed in range(seeds):
         for name, sampler in samplers(seed, budget).items():
             curves.setdefault(name, []).append(hypervolumes(surface, sampler, trials))
-    marks = [n for n in (4, 8, 12, 16, 24, 32, 48) if n <= trials]
+    marks = [n for n in MARKS if n <= trials]
     median = {name: [statistics.median(c[n - 1] for c in runs) for n in range(1, trials + 1)]
               for name, runs in curves.items()}
     target = median["random"][min(48, trials) - 1]
@@ -164,17 +177,26 @@ def compare(seeds: int, trials: int, budget: int) -> dict:
     print("sampler " + "".join(f"{f'n={n}':>24s}" for n in marks) + "   trials to random@48")
     figures: dict = {"target": target, "budget": budget, "seeds": seeds, "samplers": {}}
     for name, runs in curves.items():
-        cells = []
-        for n in marks:
-            q = np.percentile([c[n - 1] for c in runs], [25, 50, 75])
-            cells.append(f"{q[1]:.4f} [{q[0]:.4f}, {q[2]:.4f}]")
+        quartiles = {n: np.percentile([c[n - 1] for c in runs], [25, 50, 75]).tolist()
+                     for n in marks}
         reach = next((n for n in range(1, trials + 1) if median[name][n - 1] >= target), None)
-        print(f"{name:7s} " + "".join(f"{c:>24s}" for c in cells) + f"   {reach}")
+        print(f"{name:7s} " + "".join(f"{f'{q[1]:.4f} [{q[0]:.4f}, {q[2]:.4f}]':>24s}"
+                                      for q in quartiles.values()) + f"   {reach}")
         figures["samplers"][name] = {"median": median[name], "trials_to_target": reach,
-                                     "quartiles": {n: np.percentile([c[n - 1] for c in runs],
-                                                                    [25, 75]).tolist()
-                                                   for n in marks}}
+                                     "quartiles": quartiles}
     return figures
+
+
+def _outcomes(study):
+    """A study's ``(wmdp, mmlu, feasible)`` outcomes in the order its trials were suggested; a
+    trial that did not complete is an infeasible one."""
+    import optuna
+
+    for trial in sorted(study.trials, key=lambda t: t.number):
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            yield None, None, False
+        else:
+            yield (*trial.values, all(v <= 0 for v in trial.constraints.values()))
 
 
 def live(names: list[str], trials: int, seed: int) -> dict:
@@ -182,11 +204,8 @@ def live(names: list[str], trials: int, seed: int) -> dict:
     its own storage, and print each sweep's hypervolume after n trials, read from its Optuna
     study in the order the trials were suggested."""
     import optuna
-    from optuna._hypervolume import compute_hypervolume
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    reference = np.array([REFERENCE[0], -REFERENCE[1]])
-    marks = [n for n in (4, 8, 12, 16, 24, 32, 48) if n <= trials]
     figures = {}
     with tempfile.TemporaryDirectory() as storage:
         for name in names:
@@ -200,17 +219,10 @@ def live(names: list[str], trials: int, seed: int) -> dict:
             seconds = time.monotonic() - start
             study = optuna.load_study(study_name=sweep,
                                       storage=f"sqlite:///{storage}/{sweep}/optuna.db")
-            found, curve = [], []
-            for trial in sorted(study.trials, key=lambda t: t.number):
-                feasible = all(v <= 0 for v in trial.constraints.values())
-                if trial.state == optuna.trial.TrialState.COMPLETE and feasible \
-                        and trial.values[0] < REFERENCE[0]:
-                    found.append((trial.values[0], -trial.values[1]))
-                curve.append(float(compute_hypervolume(np.array(found), reference))
-                             if found else 0.0)
+            curve = volume_curve(_outcomes(study))
             figures[name] = {"curve": curve, "seconds": round(seconds)}
             print(f"live {name:7s} seed {seed}: " + "  ".join(
-                f"n={n} {curve[n - 1]:.4f}" for n in marks if n <= len(curve))
+                f"n={n} {curve[n - 1]:.4f}" for n in MARKS if n <= len(curve))
                 + f"  ({len(curve)} trials, {seconds:.0f} s)", flush=True)
     return figures
 
