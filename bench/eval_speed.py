@@ -4,12 +4,15 @@ Part 1, the scorer: the fast multiple-choice scorer against lm-eval on the same 
 questions.
 
 Part 2, end to end (``--end-to-end``): the whole in-trial evaluation (``evaluate_live`` on the
-live model, loading and encoding the questions included, as a trial's first evaluation does)
-against the seed's path: export the model, load it back from the folder, run lm-eval on it. Both
-must give the same prediction on every question. Each side is timed ``--repeats`` times in turn;
-the median ratio is printed with its spread (min-max). ``forward_s`` is the scoring alone (the
-questions already encoded: the model's forward passes and nothing else a trial could skip), and
-``bound`` the seed's path over it: the most any in-trial evaluation could gain on this machine.
+live model in a process that has not scored before) against the seed's path: export the model,
+load it back from the folder, run lm-eval on it. In-trial is timed two ways: in a sweep, where
+the driver encoded the questions once (``driver``, its time printed) and each trial's workers
+take them (deserialized as ``ray.get`` does); and cold, loading and encoding the tasks through
+lm-eval, as a standalone run does. The seed's path is timed with lm-eval as it ships
+(``stock``) and with raylens's once-per-template fix (``fixed``, stricter). Every prediction must
+agree. Each side is timed ``--repeats`` times in turn; ratios are per round, printed as median
+[min, max]. ``forward`` is the scoring alone (the model's forward passes, nothing a trial could
+skip); the seed's path over it is the most any in-trial evaluation could gain here.
 
 Models: the toy world's main model, and a random-weight GPT-NeoX shaped like Pythia-70M (512
 wide, 6 layers, 50,304-token unembedding) with the toy tokenizer. Questions: the toy tasks
@@ -26,6 +29,7 @@ compute does, which bounds the ratio near (body + unembedding) / body.
 
 import argparse
 import itertools
+import pickle
 import statistics
 import tempfile
 import time
@@ -39,67 +43,110 @@ from raylens.config import EvalConfig
 from raylens.evaluate import (
     _QUESTIONS,
     choice_logliks,
+    eval_questions,
     evaluate_live,
     hf_lm,
     lm_eval_0shot,
     load_questions,
     predictions,
+    question_key,
+    remember_questions,
     task_manager,
 )
 
 
-def seed_path(model, tokenizer, tasks, world, folder: Path) -> dict:
-    """The seed's evaluation: export, load from the folder, lm-eval; predictions by question."""
+def seed_path(model, tokenizer, tasks, world, folder: Path, *, stock: bool) -> dict:
+    """The seed's evaluation: export, load from the folder, lm-eval; predictions by question.
+    ``stock``: lm-eval as it ships, compiling its prompt template for every document (the
+    seed's path); else with raylens's once-per-template fix (a stricter comparison)."""
+    from lm_eval import utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
-    out = lm_eval_0shot(hf_lm(loaded, AutoTokenizer.from_pretrained(folder), 32), tasks,
-                        task_manager(tasks, world.root, None), log_samples=True,
-                        bootstrap_iters=0)
+    manager = task_manager(tasks, world.root, None)  # installs the fix
+    fixed = utils.apply_template
+    utils.apply_template = fixed.stock if stock else fixed
+    try:
+        out = lm_eval_0shot(hf_lm(loaded, AutoTokenizer.from_pretrained(folder), 32), tasks,
+                            manager, log_samples=True, bootstrap_iters=0)
+    finally:
+        utils.apply_template = fixed
     return {(sub, s["doc_id"]): predictions([[r[0] for r in s["filtered_resps"]]])[0]
             for sub, samples in out["samples"].items() for s in samples}
 
 
-def in_trial(model, tokenizer, tasks, world) -> dict:
-    """``evaluate_live`` from cold (the questions loaded and encoded, as a trial's first
-    evaluation does); predictions by question."""
+def in_trial(model, tokenizer, tasks, world, handed: bytes | None = None) -> dict:
+    """``evaluate_live`` in a fresh process: from cold (loading and encoding the questions, as
+    a standalone run's first evaluation does), or, given ``handed`` (the driver's encoded
+    questions, serialized), taking them as a sweep's trial does; predictions by question."""
     _QUESTIONS.clear()
-    config = EvalConfig(tasks=tasks)
-    scores = evaluate_live(model, tokenizer, config, world.root)
+    if handed is not None:
+        remember_questions(pickle.loads(handed))  # what ray.get does with the driver's copy
+    scores = evaluate_live(model, tokenizer, EvalConfig(tasks=tasks), world.root)
+    assert len(_QUESTIONS) == 1, "the handed questions were not the ones scored"
     questions = next(iter(_QUESTIONS.values()))
     return {(q.subtask, q.doc_id): p for task in tasks
             for q, p in zip(questions[task], scores[task]["predictions"])}
 
 
+def driver_questions(model, tokenizer, tasks, world) -> bytes:
+    """What a sweep's driver hands its trials (``train.encoded_questions``), serialized."""
+    config = EvalConfig(tasks=tasks)
+    key = question_key(config, tokenizer, world.root, model.config)
+    return pickle.dumps({key: eval_questions(config, tokenizer, world.root, model.config)})
+
+
+SIDES = ("sweep", "cold", "stock", "fixed", "forward")
+"""What ``end_to_end`` times: the in-trial evaluation in a sweep (questions from the driver)
+and cold; the seed's path with stock lm-eval and with the template fix; the forward alone."""
+
+
 def end_to_end(models: dict, tokenizer, world, repeats: int) -> None:
-    """Part 2: the in-trial evaluation against the seed's export-reload-lm-eval path."""
+    """Part 2: the in-trial evaluation against the seed's export-reload-lm-eval path, each side
+    timed in turn in every round; ratios per round, then median [min, max]."""
     tasks = ("toy_wmdp", "toy_mmlu")
-    print("model      questions in-trial_s seed-path_s  ratio [min, max]  agreement  "
-          "forward_s  bound")
+    print("model      questions | driver s | in-trial s: sweep  cold | seed's path s: stock  "
+          "fixed | stock/sweep      fixed/sweep      stock/cold     | agreement | forward s  "
+          "stock/forward")
     for name, model in models.items():
-        times: dict[str, list[float]] = {"ours": [], "seed": [], "forward": []}
-        for r in range(repeats):
-            with tempfile.TemporaryDirectory() as tmp:
+        _QUESTIONS.clear()
+        start = time.perf_counter()
+        handed = driver_questions(model, tokenizer, tasks, world)  # once per sweep
+        driver_s = time.perf_counter() - start
+        times: dict[str, list[float]] = {side: [] for side in SIDES}
+        agree = total = 0
+        for _ in range(repeats):
+            theirs = []
+            for side in ("stock", "fixed"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    start = time.perf_counter()
+                    theirs.append(seed_path(model, tokenizer, tasks, world,
+                                            Path(tmp) / "export", stock=side == "stock"))
+                    times[side].append(time.perf_counter() - start)
+            for side, given in (("cold", None), ("sweep", handed)):
                 start = time.perf_counter()
-                theirs = seed_path(model, tokenizer, tasks, world, Path(tmp) / "export")
-                times["seed"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            ours = in_trial(model, tokenizer, tasks, world)
-            times["ours"].append(time.perf_counter() - start)
-            questions = next(iter(_QUESTIONS.values()))  # encoded by in_trial
+                ours = in_trial(model, tokenizer, tasks, world, given)
+                times[side].append(time.perf_counter() - start)
+                for reference in theirs:
+                    agree += sum(ours[k] == reference.get(k) for k in ours)
+                    total += len(ours)
+            questions = next(iter(_QUESTIONS.values()))
             start = time.perf_counter()
             for task in tasks:
                 choice_logliks(model, questions[task], batch_size=EvalConfig().batch_size)
             times["forward"].append(time.perf_counter() - start)
-        ratios = [s / o for s, o in zip(times["seed"], times["ours"])]
-        bounds = [s / f for s, f in zip(times["seed"], times["forward"])]
-        agree = sum(ours[k] == theirs.get(k) for k in ours)
-        print(f"{name:10s} {len(ours):9d} {statistics.median(times['ours']):10.2f} "
-              f"{statistics.median(times['seed']):11.2f} {statistics.median(ratios):5.1f}x "
-              f"[{min(ratios):.1f}, {max(ratios):.1f}]  {agree}/{len(ours)}  "
-              f"{statistics.median(times['forward']):9.2f}  {statistics.median(bounds):4.1f}x")
+
+        def ratio(a: str, b: str) -> str:
+            values = [x / y for x, y in zip(times[a], times[b])]
+            return f"{statistics.median(values):4.1f}x [{min(values):4.1f}, {max(values):4.1f}]"
+
+        med = {side: statistics.median(t) for side, t in times.items()}
+        print(f"{name:10s} {len(ours):9d} | {driver_s:8.2f} | {med['sweep']:16.2f} "
+              f"{med['cold']:5.2f} | {med['stock']:19.2f} {med['fixed']:6.2f} | "
+              f"{ratio('stock', 'sweep')}  {ratio('fixed', 'sweep')}  {ratio('stock', 'cold')} "
+              f"| {agree}/{total} | {med['forward']:9.2f}  {ratio('stock', 'forward')}")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ their datasets in the local Hugging Face cache. Everything is 0-shot.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 import time
@@ -61,6 +62,7 @@ def _compile_templates_once() -> None:
 
     apply_template.raylens_cached = True  # type: ignore[attr-defined]
     apply_template.cache_info = compiled.cache_info  # type: ignore[attr-defined]
+    apply_template.stock = utils.apply_template  # type: ignore[attr-defined]  # for comparisons
     utils.apply_template = apply_template
 
 
@@ -283,41 +285,60 @@ def load_questions(tasks: tuple[str, ...], tokenizer, *, toyworld: Path | None =
             grouped: dict = {}
             for inst in task.instances:
                 grouped.setdefault(inst.doc_id, []).append(inst)
-            for doc_id, insts in sorted(grouped.items()):
+            for insts in grouped.values():
                 insts.sort(key=lambda inst: inst.idx)
-                out.append(_encode_question(name, leaf, doc_id, insts, task, tokenizer,
-                                            max_length))
+            out += _encode_questions(name, leaf, task, sorted(grouped.items()), tokenizer,
+                                     max_length)
         questions[name] = out
     return questions
 
 
-def _encode_question(name, leaf, doc_id, instances, task, tokenizer, max_length) -> Question:
-    """lm-eval's ``HFLM._encode_pair`` for every choice of one document."""
+def _split_choices(leaf, doc_id, instances) -> tuple[str, list[str]]:
+    """One document's context and each choice's continuation, split as lm-eval's
+    ``HFLM._encode_pair`` splits them: the context's trailing whitespace moves to the
+    continuation."""
     contexts = {inst.arguments[0] for inst in instances}
     if len(contexts) != 1:
         raise EvalError(f"task {leaf!r} doc {doc_id}: choices have different contexts")
     context = contexts.pop()
-    choices = []
-    for inst in instances:
-        ctx, cont = context, inst.arguments[1]
-        spaces = len(ctx) - len(ctx.rstrip())
-        if spaces:
-            ctx, cont = ctx[:-spaces], ctx[-spaces:] + cont
-        # the tokenizer's own special tokens, as lm-eval's HFLM (add_bos_token unset) encodes:
-        # a tokenizer that prepends BOS gets it here too
-        whole = tokenizer(ctx + cont)["input_ids"]
-        ctx_enc = tokenizer(ctx)["input_ids"]
+    spaces = len(context) - len(context.rstrip())
+    if not spaces:
+        return context, [inst.arguments[1] for inst in instances]
+    return context[:-spaces], [context[-spaces:] + inst.arguments[1] for inst in instances]
+
+
+def _encode_questions(name, leaf, task, documents, tokenizer, max_length) -> list[Question]:
+    """lm-eval's ``HFLM._encode_pair`` for every choice of every document of one task, with one
+    call of the tokenizer for them all (its batch encoding, not two calls per choice: the calls
+    were most of loading a toy task). ``documents``: ``[(doc_id, instances by choice)]``."""
+    texts: list[str] = []
+    for doc_id, instances in documents:
+        context, continuations = _split_choices(leaf, doc_id, instances)
+        texts += [context] + [context + cont for cont in continuations]
+    # the tokenizer's own special tokens, as lm-eval's HFLM (add_bos_token unset) encodes: a
+    # tokenizer that prepends BOS gets it here too
+    encoded = iter(tokenizer(texts)["input_ids"] if texts else [])
+    out = []
+    for doc_id, instances in documents:
+        ctx_enc = next(encoded)
         if not ctx_enc:
             raise EvalError(f"task {leaf!r} doc {doc_id}: empty context is not supported")
-        cont_enc = whole[len(ctx_enc):]
-        if not cont_enc:
-            raise EvalError(f"task {leaf!r} doc {doc_id}: choice {inst.idx} tokenizes to nothing "
-                            f"after the context ({cont!r})")
-        choices.append((tuple(ctx_enc), tuple(cont_enc)))
-    if len({c for c, _ in choices}) != 1:
-        raise EvalError(f"task {leaf!r} doc {doc_id}: the context tokenizes differently per choice")
-    ctx_enc = choices[0][0]
-    longest = len(ctx_enc) + max(len(c) for _, c in choices) - 1
+        choices = []
+        for inst in instances:
+            cont_enc = next(encoded)[len(ctx_enc):]  # as lm-eval cuts it, merged or not
+            if not cont_enc:
+                raise EvalError(f"task {leaf!r} doc {doc_id}: choice {inst.idx} tokenizes to "
+                                f"nothing after the context ({inst.arguments[1]!r})")
+            choices.append(tuple(cont_enc))
+        out.append(_question(name, leaf, doc_id, instances, task, tuple(ctx_enc), choices,
+                             max_length))
+    return out
+
+
+def _question(name, leaf, doc_id, instances, task, ctx_enc, choices, max_length) -> Question:
+    """One encoded document as a ``Question``, refusing prompts over ``max_length`` and gold
+    labels that are not one of its choices."""
+    longest = len(ctx_enc) + max(len(c) for c in choices) - 1
     if max_length is not None and longest > max_length:
         raise EvalError(f"task {leaf!r} doc {doc_id}: {longest} tokens exceed the model's "
                         f"{max_length}; lm-eval would truncate the prompt")
@@ -332,7 +353,7 @@ def _encode_question(name, leaf, doc_id, instances, task, tokenizer, max_length)
             or not 0 <= int(gold) < len(choices):
         raise EvalError(f"task {leaf!r} doc {doc_id}: gold label {gold!r} is not a choice "
                         f"index 0..{len(choices) - 1}")
-    return Question(name, leaf, doc_id, ctx_enc, tuple(c for _, c in choices), int(gold))
+    return Question(name, leaf, doc_id, ctx_enc, tuple(choices), int(gold))
 
 
 def _pack(question: Question) -> tuple[list[int], list[int], list[int], list[list[int]]]:
@@ -480,27 +501,52 @@ def accuracy(questions: list[Question], logliks: list[list[float]]) -> dict:
 
 
 _QUESTIONS: dict[tuple, dict] = {}
-"""Encoded questions by what they depend on: loading them through lm-eval's task index takes
-seconds, and a trial scores the same ones again when its export is attacked."""
+"""Encoded questions by what they depend on (``question_key``): loading them through lm-eval's
+task index takes seconds, and a trial scores the same ones again when its export is attacked."""
 
 
 def _tokenizer_key(tokenizer) -> str:
+    """The tokenizer by its contents. A fast tokenizer's serialization also holds the
+    truncation and padding of its last call (a training batch's ``max_length``), which do not
+    change how a question encodes: left out, or the same tokenizer would miss its own questions
+    after a training step."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        text = json.dumps(state, sort_keys=True)
+    else:
+        text = repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha1(f"{text}|{tokenizer.bos_token}|{tokenizer.eos_token}".encode()).hexdigest()
+
+
+def question_key(ev: EvalConfig, tokenizer, toyworld: Path | None, model_config) -> tuple:
+    """What the encoded questions of ``ev`` depend on: its tasks, subset, seed and data folder,
+    the toy world, the model's length limit and the tokenizer (by its contents)."""
+    max_length = getattr(model_config, "max_position_embeddings", None)
+    return (ev.tasks, ev.subset, ev.subset_seed, ev.data_dir, str(toyworld), max_length,
+            _tokenizer_key(tokenizer))
 
 
 def eval_questions(ev: EvalConfig, tokenizer, toyworld: Path | None, model_config):
     """The questions of ``ev``'s tasks, encoded as the fast scorer reads them (loaded once per
-    process for the same tasks, subset, tokenizer and length limit; never modified)."""
-    max_length = getattr(model_config, "max_position_embeddings", None)
-    key = (ev.tasks, ev.subset, ev.subset_seed, ev.data_dir, str(toyworld), max_length,
-           _tokenizer_key(tokenizer))
+    process for the same ``question_key``, or taken from ``remember_questions``; never
+    modified)."""
+    key = question_key(ev, tokenizer, toyworld, model_config)
     if key not in _QUESTIONS:
-        _QUESTIONS[key] = load_questions(ev.tasks, tokenizer, toyworld=toyworld,
-                                         data_dir=ev.data_dir, subset=ev.subset,
-                                         seed=ev.subset_seed, max_length=max_length)
+        _QUESTIONS[key] = load_questions(
+            ev.tasks, tokenizer, toyworld=toyworld, data_dir=ev.data_dir, subset=ev.subset,
+            seed=ev.subset_seed, max_length=getattr(model_config, "max_position_embeddings", None))
     return _QUESTIONS[key]
+
+
+def remember_questions(encoded: dict[tuple, dict]) -> None:
+    """Take question sets another process encoded (``{question_key: questions}``): a sweep's
+    driver encodes them once and hands them to every trial's workers, which would otherwise each
+    load the tasks through lm-eval again. A worker whose key differs (another tokenizer, say)
+    finds no match and loads its own."""
+    _QUESTIONS.update(encoded)
 
 
 def evaluate_live(model, tokenizer, ev: EvalConfig, toyworld: Path | None = None, *,

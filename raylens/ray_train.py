@@ -12,6 +12,7 @@ from pathlib import Path
 from raylens.checkpoint import RayCheckpoints
 from raylens.collectives import all_gather, rank_and_world
 from raylens.config import UnlearnConfig, from_flat, to_flat
+from raylens.evaluate import remember_questions
 from raylens.tracking import STEP_METRICS
 from raylens.train import run, without_predictions
 
@@ -88,11 +89,14 @@ def _ray_worker(loop_config: dict) -> None:
     """One Ray Train worker: ``train.run`` (resuming from Ray's latest checkpoint, if any), with
     each step's metrics as Prometheus gauges and the node each rank ran on in the report; Ray's
     result store gets the report without per-question predictions (they stay in the file)."""
+    import ray
     import ray.train
     import ray.util
 
     config = from_flat(UnlearnConfig, loop_config["config"])
     toyworld = Path(loop_config["toyworld"]) if loop_config["toyworld"] else None
+    if loop_config.get("questions") is not None:  # encoded by the driver: no task loading here
+        remember_questions(ray.get(loop_config["questions"]))
     rank, _ = rank_and_world()
     nodes = all_gather(ray.util.get_node_ip_address())  # where each rank ran
     report = run(config, Path(loop_config["out"]), toyworld=toyworld,
@@ -143,7 +147,7 @@ def _fit(worker, loop_config: dict, scaling, *, name: str, storage_path: Path) -
 def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
                toyworld: Path | None = None, name: str = "unlearn",
                evaluate: bool = True, mlflow_run: tuple[str, str] | None = None,
-               attack: dict | None = None) -> dict:
+               attack: dict | None = None, questions=None) -> dict:
     """Run ``train`` as ``scaling.num_workers`` Ray Train workers (gloo on CPU, NCCL on GPUs);
     rank 0 exports to ``out`` with ``history.jsonl`` and ``train_report.json`` (the last step's
     metrics, every rank's parameter digest and memory, the step it resumed from, and with
@@ -154,10 +158,17 @@ def fit_on_ray(config: UnlearnConfig, *, out: Path, storage_path: Path,
     ``(tracking uri, run id)`` that rank 0 logs each step's metrics to; every run exports them
     to Ray's Prometheus metrics. ``attack``: ``{"attacks": [flat AttackConfig], "tasks":
     [forget, retain], "retain_guard"}``, a suite the same workers run on the export afterwards
-    (``out/attack/suite.json``; a restarted group skips the attacks already written)."""
+    (``out/attack/suite.json``; a restarted group skips the attacks already written).
+    ``questions``: the evaluation questions the driver encoded (``train.encoded_questions``),
+    which the workers take instead of loading the tasks again."""
+    import ray
+
+    if questions is not None:
+        questions = ray.put(questions)  # one copy in the object store, not one per worker
     _fit(_ray_worker, {"config": to_flat(config), "out": str(out), "evaluate": evaluate,
                        "toyworld": str(toyworld) if toyworld else None, "name": name,
-                       "mlflow": list(mlflow_run) if mlflow_run else None, "attack": attack},
+                       "mlflow": list(mlflow_run) if mlflow_run else None, "attack": attack,
+                       "questions": questions},
          config.scaling, name=name, storage_path=storage_path)
     return json.loads((Path(out) / "train_report.json").read_text())
 

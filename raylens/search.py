@@ -57,6 +57,7 @@ from raylens.tracking import (
     trial_run,
     update_front,
 )
+from raylens.train import encoded_questions
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,12 @@ def attack_spec(sweep: SweepConfig) -> dict | None:
 
 
 def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
-           tracker: Tracker | None = None) -> None:
+           tracker: Tracker | None = None, questions=None) -> None:
     """One trial (a Tune function trainable): base config + sampled settings -> Ray Train run ->
     objectives. Every value reported is also written to ``trials/<id>/result.json``; with a
     ``tracker`` the trial is a nested MLflow run (step curves from rank 0, eval metrics,
-    artifacts), marked failed with the reason if anything raises."""
+    artifacts), marked failed with the reason if anything raises. ``questions``: the evaluation
+    questions the driver encoded (``train.encoded_questions``), for the trial's workers."""
     import ray.tune
 
     config = replace(sweep.base, params)
@@ -169,7 +171,7 @@ def _trial(params: dict, *, sweep: SweepConfig, toyworld: str | None,
         report = fit_on_ray(config, out=out, storage_path=where.train, name=trial_id,
                             toyworld=Path(toyworld) if toyworld else None,
                             mlflow_run=(tracker.uri, run_id) if tracker and run_id else None,
-                            attack=attack_spec(sweep))
+                            attack=attack_spec(sweep), questions=questions)
         if report["eval_error"]:
             raise RuntimeError(f"evaluation failed: {report['eval_error']}")
         result = {**objectives(report, sweep), **{f"param/{k}": v for k, v in params.items()},
@@ -557,9 +559,12 @@ def run_sweep(sweep: SweepConfig, *, toyworld: Path | None = None, log=print,
         raise RuntimeError(f"the Ray cluster offers no {DRIVER_RESOURCE} resource: start it with "
                            f"--resources='{{\"{DRIVER_RESOURCE}\": N}}' (N trials at once)")
     tracker = _start_tracking(sweep, toyworld, log)
+    # every trial scores the questions preflight encoded here (Tune keeps one copy in the
+    # object store), where each trial's workers would otherwise load the tasks again
+    questions = encoded_questions(sweep.base, toyworld)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, sweep=sweep, toyworld=str(toyworld) if toyworld else None,
-                             tracker=tracker),
+                             tracker=tracker, questions=questions),
         {DRIVER_RESOURCE: 1})
     tuner = _tuner(sweep, where, trainable, tracker, slots, log)
     try:

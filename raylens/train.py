@@ -25,7 +25,7 @@ from raylens.checkpoint import read_checkpoint, usable_checkpoint, write_checkpo
 from raylens.collectives import all_gather, all_reduce_sum, rank_and_world
 from raylens.config import TOY, ConfigError, UnlearnConfig, to_flat
 from raylens.data import load_paired, load_texts
-from raylens.evaluate import EvalError, eval_questions, evaluate_live
+from raylens.evaluate import EvalError, eval_questions, evaluate_live, question_key
 from raylens.lens import check_lens, load_lens
 from raylens.losses import (
     batch_targets,
@@ -95,8 +95,19 @@ def validate(config: UnlearnConfig, toyworld: Path | None = None) -> tuple[int, 
     layers = resolve_target_layers(config.loss.target_layers, model_config.num_hidden_layers)
     check_lens(lens_source(config, toyworld), config.lens.revision, model_config)
     load_texts(config.data, toyworld)
-    eval_questions(config.eval, load_tokenizer(config.model, toyworld), toyworld, model_config)
+    encoded_questions(config, toyworld, model_config)
     return layers
+
+
+def encoded_questions(config: UnlearnConfig, toyworld: Path | None = None,
+                      model_config=None) -> dict[tuple, dict]:
+    """``{question_key: questions}``: the run's evaluation questions, encoded once per process
+    (``evaluate.eval_questions``), as a driver hands them to its workers
+    (``evaluate.remember_questions``)."""
+    model_config = model_config or load_model_config(config.model, toyworld)
+    tokenizer = load_tokenizer(config.model, toyworld)
+    return {question_key(config.eval, tokenizer, toyworld, model_config):
+            eval_questions(config.eval, tokenizer, toyworld, model_config)}
 
 
 def prepare(config: UnlearnConfig, toyworld: Path | None = None, *, sharded: bool = False,

@@ -19,7 +19,7 @@ from raylens.config import UnlearnConfig, to_flat
 from raylens.evaluate import EvalError, hf_lm, run_lm_eval, scoring_device
 from raylens.model import load_model
 from raylens.ray_train import check_placeable, connect_ray, fit_on_ray
-from raylens.train import run, validate, without_predictions
+from raylens.train import encoded_questions, run, validate, without_predictions
 
 
 def _connect(config: UnlearnConfig) -> None:
@@ -58,7 +58,8 @@ def unlearn(config: UnlearnConfig, out: Path, *, toyworld: Path | None = None,
         if on_ray:
             # Ray keeps the checkpoints under out/ray/unlearn; the same call again resumes there
             report = fit_on_ray(config, out=out, storage_path=(out / "ray").resolve(),
-                                toyworld=toyworld, mlflow_run=mlflow_run)
+                                toyworld=toyworld, mlflow_run=mlflow_run,
+                                questions=encoded_questions(config, toyworld))
         else:
             store = FolderCheckpoints(out / "checkpoints", keep=config.scaling.keep_checkpoints)
             report = run(config, out, toyworld=toyworld, checkpoints=store, mlflow_run=mlflow_run,

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from raylens.ray_train import fit_on_ray
 from raylens.recipes import recipe
-from raylens.train import save_run, train
+from raylens.train import encoded_questions, save_run, train
 
 pytestmark = pytest.mark.integration  # Ray Train worker groups: make test-integration
 
@@ -21,13 +21,23 @@ def ray_local():
     ray.shutdown()
 
 
+def _first(encoded: dict, n: int) -> dict:
+    """The first ``n`` questions of every task of ``train.encoded_questions``'s sets."""
+    return {key: {task: qs[:n] for task, qs in sets.items()} for key, sets in encoded.items()}
+
+
 def test_lora_ddp_two_workers_agree_and_match_one_process(world, ray_local, tmp_path):
+    """Two DDP workers keep identical adapters equal to one process's, and score the questions
+    the driver handed them (here the first 20 of each task) without loading the tasks again."""
     overrides = {"data.num_examples": 64, "batch.epochs": 1, "batch.per_device_batch": 8,
                  "mode.lora_dropout": 0.0}
     two = recipe("lora_adamw", {**overrides, "scaling.num_workers": 2})
     report = fit_on_ray(two, out=tmp_path / "two", storage_path=tmp_path / "ray",
-                        toyworld=world.root)
+                        toyworld=world.root,
+                        questions=_first(encoded_questions(two, world.root), 20))
     assert len(report["rank_digests"]) == 2 and len(set(report["rank_digests"])) == 1
+    assert {task: s["n"] for task, s in report["eval"].items()} == {"toy_wmdp": 20,
+                                                                   "toy_mmlu": 20}
 
     one = recipe("lora_adamw", overrides)
     result = train(one, toyworld=world.root, log=lambda *_: None)

@@ -295,3 +295,34 @@ def test_lm_eval_compiles_each_prompt_template_once_and_renders_the_same_text(wo
                                                                    "choices": ["a", "b"]}
     fresh = Environment(undefined=StrictUndefined, keep_trailing_newline=True)
     assert utils.apply_template(template, doc) == fresh.from_string(template).render(**doc)
+
+
+def test_a_process_encodes_its_questions_once_even_after_a_truncating_training_batch(world):
+    """The encoded questions are found again by the same tokenizer after it tokenized a
+    training batch with truncation (which a fast tokenizer keeps in its serialization): a run
+    used to encode them in ``validate`` and again at its first evaluation, and a sweep's
+    workers never found the set their driver handed them."""
+    from transformers import AutoTokenizer
+
+    from raylens.config import EvalConfig
+    from raylens.evaluate import _QUESTIONS, eval_questions, question_key, remember_questions
+    from raylens.model import load_model_config
+    from raylens.recipes import recipe
+
+    model_config = load_model_config(recipe("lora_adamw").model, world.root)
+    ev = EvalConfig(tasks=("toy_wmdp",), subset=0.25, subset_seed=11)
+    tokenizer = AutoTokenizer.from_pretrained(world.model)
+    before = question_key(ev, tokenizer, world.root, model_config)
+    first = eval_questions(ev, tokenizer, world.root, model_config)
+    tokenizer(["a training document"] * 2, truncation=True, max_length=16)
+    assert question_key(ev, tokenizer, world.root, model_config) == before
+    assert eval_questions(ev, tokenizer, world.root, model_config) is first
+    # a set another process encoded is taken as it is, under its key
+    handed = {"toy_wmdp": first["toy_wmdp"][:5]}
+    _QUESTIONS.pop(before)
+    remember_questions({before: handed})
+    assert eval_questions(ev, AutoTokenizer.from_pretrained(world.model), world.root,
+                          model_config) is handed
+    other = EvalConfig(tasks=("toy_wmdp",), subset=0.25, subset_seed=12)  # another key: loads
+    assert len(eval_questions(other, tokenizer, world.root, model_config)["toy_wmdp"]) == 48
+    _QUESTIONS.pop(before)

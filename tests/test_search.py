@@ -432,19 +432,26 @@ def test_finished_trials_drop_checkpoints_and_front_retention_drops_dominated_ex
 
 @pytest.mark.integration
 @pytest.mark.any_world
-def test_trials_run_on_a_node_that_joins_mid_sweep(world, tmp_path):
+def test_trials_run_on_a_node_that_joins_mid_sweep(world, tmp_path, monkeypatch):
     """Concurrency follows the TRAIN_DRIVER slots as nodes join, not the slots seen at submit
     time: a sweep starts on a head with one slot; while the first trial holds it, a node with
     another joins (``ray start --address``, as cluster.yaml starts a worker) and two trials then
-    run at once (the old cap, the one slot seen at submit time, never let a second start)."""
+    run at once (the old cap, the one slot seen at submit time, never let a second start).
+    Every trial, on either node, scores the questions the driver encoded (cut here to the
+    first 20 of each task, which no worker loading the tasks itself would score)."""
     import dataclasses
     import threading
 
     import ray
     from ray.cluster_utils import Cluster
 
+    from raylens import search
     from raylens.recipes import demo_sweep
     from raylens.search import DRIVER_RESOURCE, run_sweep
+
+    encoded = search.encoded_questions
+    monkeypatch.setattr(search, "encoded_questions", lambda *a: {
+        key: {task: qs[:20] for task, qs in sets.items()} for key, sets in encoded(*a).items()})
 
     cluster = Cluster(initialize_head=True, connect=True, head_node_args={
         "num_cpus": 1, "resources": {DRIVER_RESOURCE: 1}, "include_dashboard": False})
@@ -483,3 +490,7 @@ def test_trials_run_on_a_node_that_joins_mid_sweep(world, tmp_path):
     assert joined, "the first trial never took the head's slot"
     assert len(rows) == 3 and not [r["error"] for r in rows if r["error"]]
     assert max(busy) == 2, f"slots in use over the sweep: {sorted(set(busy))}"
+    for report in (tmp_path / "runs").glob("joined/trials/*/train_report.json"):
+        scored = json.loads(report.read_text())["eval"]
+        assert {task: s["n"] for task, s in scored.items()} == {"toy_wmdp": 20, "toy_mmlu": 20}
+    assert len(list((tmp_path / "runs").glob("joined/trials/*/train_report.json"))) == 3
