@@ -89,7 +89,6 @@ def _ray_worker(loop_config: dict) -> None:
     """One Ray Train worker: ``train.run`` (resuming from Ray's latest checkpoint, if any), with
     each step's metrics as Prometheus gauges and the node each rank ran on in the report; Ray's
     result store gets the report without per-question predictions (they stay in the file)."""
-    import ray
     import ray.train
     import ray.util
 
