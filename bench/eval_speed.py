@@ -43,13 +43,12 @@ from raylens.config import EvalConfig
 from raylens.evaluate import (
     _QUESTIONS,
     choice_logliks,
-    eval_questions,
     evaluate_live,
     hf_lm,
     lm_eval_0shot,
     load_questions,
     predictions,
-    question_key,
+    question_set,
     remember_questions,
     task_manager,
 )
@@ -92,10 +91,9 @@ def in_trial(model, tokenizer, tasks, world, handed: bytes | None = None) -> dic
 
 
 def driver_questions(model, tokenizer, tasks, world) -> bytes:
-    """What a sweep's driver hands its trials (``train.encoded_questions``), serialized."""
-    config = EvalConfig(tasks=tasks)
-    key = question_key(config, tokenizer, world.root, model.config)
-    return pickle.dumps({key: eval_questions(config, tokenizer, world.root, model.config)})
+    """What a sweep's driver hands its trials (``evaluate.question_set``), serialized."""
+    return pickle.dumps(question_set(EvalConfig(tasks=tasks), tokenizer, world.root,
+                                     model.config))
 
 
 SIDES = ("sweep", "cold", "stock", "fixed", "forward")

@@ -529,16 +529,23 @@ def question_key(ev: EvalConfig, tokenizer, toyworld: Path | None, model_config)
             _tokenizer_key(tokenizer))
 
 
-def eval_questions(ev: EvalConfig, tokenizer, toyworld: Path | None, model_config):
-    """The questions of ``ev``'s tasks, encoded as the fast scorer reads them (loaded once per
-    process for the same ``question_key``, or taken from ``remember_questions``; never
-    modified)."""
+def question_set(ev: EvalConfig, tokenizer, toyworld: Path | None,
+                 model_config) -> dict[tuple, dict]:
+    """``{question_key: questions}``: the questions of ``ev``'s tasks, encoded as the fast scorer
+    reads them (loaded once per process for the same key, or taken from
+    ``remember_questions``; never modified), in the form a driver hands to its workers."""
     key = question_key(ev, tokenizer, toyworld, model_config)
     if key not in _QUESTIONS:
         _QUESTIONS[key] = load_questions(
             ev.tasks, tokenizer, toyworld=toyworld, data_dir=ev.data_dir, subset=ev.subset,
             seed=ev.subset_seed, max_length=getattr(model_config, "max_position_embeddings", None))
-    return _QUESTIONS[key]
+    return {key: _QUESTIONS[key]}
+
+
+def eval_questions(ev: EvalConfig, tokenizer, toyworld: Path | None, model_config) -> dict:
+    """``question_set``'s questions alone: ``{task: [Question]}``."""
+    (questions,) = question_set(ev, tokenizer, toyworld, model_config).values()
+    return questions
 
 
 def remember_questions(encoded: dict[tuple, dict]) -> None:

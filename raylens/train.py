@@ -25,7 +25,7 @@ from raylens.checkpoint import read_checkpoint, usable_checkpoint, write_checkpo
 from raylens.collectives import all_gather, all_reduce_sum, rank_and_world
 from raylens.config import TOY, ConfigError, UnlearnConfig, to_flat
 from raylens.data import load_paired, load_texts
-from raylens.evaluate import EvalError, eval_questions, evaluate_live, question_key
+from raylens.evaluate import EvalError, evaluate_live, question_set
 from raylens.lens import check_lens, load_lens
 from raylens.losses import (
     batch_targets,
@@ -102,12 +102,11 @@ def validate(config: UnlearnConfig, toyworld: Path | None = None) -> tuple[int, 
 def encoded_questions(config: UnlearnConfig, toyworld: Path | None = None,
                       model_config=None) -> dict[tuple, dict]:
     """``{question_key: questions}``: the run's evaluation questions, encoded once per process
-    (``evaluate.eval_questions``), as a driver hands them to its workers
+    (``evaluate.question_set``), as a driver hands them to its workers
     (``evaluate.remember_questions``)."""
     model_config = model_config or load_model_config(config.model, toyworld)
-    tokenizer = load_tokenizer(config.model, toyworld)
-    return {question_key(config.eval, tokenizer, toyworld, model_config):
-            eval_questions(config.eval, tokenizer, toyworld, model_config)}
+    return question_set(config.eval, load_tokenizer(config.model, toyworld), toyworld,
+                        model_config)
 
 
 def prepare(config: UnlearnConfig, toyworld: Path | None = None, *, sharded: bool = False,
